@@ -1,0 +1,1 @@
+"""Shared fixtures. S3 fixtures (a real SeaweedFS server) live in s3fixtures.py."""
