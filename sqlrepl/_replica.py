@@ -177,10 +177,8 @@ def open_replica(url: str) -> ReplicaClient:
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
         known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        raise ConfigError(
-            f"replica URL {redact_url(url)!r}: unknown scheme {parts.scheme + '://' if parts.scheme else '(none)'};"
-            f" use one of {known}"
-        )
+        given = f"{parts.scheme}://" if parts.scheme else "(none)"
+        raise ConfigError(f"replica URL {redact_url(url)!r}: unknown scheme {given}; use one of {known}")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     module_name, _, func_name = _SCHEMES[scheme].partition(":")
     factory = getattr(importlib.import_module(module_name), func_name)

@@ -204,7 +204,7 @@ class FileReplicaClient:
             return out
 
         self._stats.requests["LIST"] += 1
-        if not os.path.isdir(self._root):
+        if not await anyio.to_thread.run_sync(os.path.isdir, self._root):
             return []
         try:
             return await anyio.to_thread.run_sync(walk)

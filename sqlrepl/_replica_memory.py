@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from urllib.parse import SplitResult
 
+import anyio
 import anyio.lowlevel
 
 from ._errors import ConfigError, ObjectNotFoundError, ReplicaError, ReplicaUnavailableError
@@ -82,8 +83,7 @@ class MemoryReplicaClient:
         self._stats.bytes_up += len(data)
 
     async def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = await anyio.Path(path).read_bytes()
         await self.put(key, data)
 
     def _read(self, key: str) -> bytes:

@@ -1,0 +1,78 @@
+"""sqlrepl: continuous replication of SQLite databases to S3 or a folder,
+from inside the Python process.
+
+    import sqlrepl
+
+    sqlrepl.restore("app.db", "s3://bucket/prefix")        # at startup
+    with sqlrepl.connect("app.db", "s3://bucket/prefix") as conn:
+        conn.execute("insert ...")
+    sqlrepl.sync("app.db")                                  # wait for the replicas
+
+See README.md and docs/ for the guarantees and the replica format.
+"""
+
+from __future__ import annotations
+
+from ._connection import Connection, connect, status, sync
+from ._errors import (
+    ConfigError,
+    CorruptObjectError,
+    DatabaseExistsError,
+    NoBackupError,
+    ObjectNotFoundError,
+    PointInTimeError,
+    ReplicaAuthError,
+    ReplicaError,
+    ReplicaNotFoundError,
+    ReplicaPermissionError,
+    ReplicaUnavailableError,
+    RestoreError,
+    SqlreplError,
+    StagingFullError,
+    SyncTimeoutError,
+    WalModeError,
+)
+from ._replica import ObjectInfo, ReplicaClient, RequestStats, open_replica
+from ._replicator import Options, Replicator, Status, get_replicator, stop_all
+from ._restore import RestoreResult, restore, restore_async
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # replicate
+    "connect",
+    "sync",
+    "status",
+    "stop_all",
+    "Connection",
+    "Options",
+    "Replicator",
+    "Status",
+    "get_replicator",
+    # restore
+    "restore",
+    "restore_async",
+    "RestoreResult",
+    # storage
+    "ReplicaClient",
+    "ObjectInfo",
+    "RequestStats",
+    "open_replica",
+    # errors
+    "SqlreplError",
+    "ConfigError",
+    "WalModeError",
+    "ReplicaError",
+    "ReplicaUnavailableError",
+    "ReplicaAuthError",
+    "ReplicaNotFoundError",
+    "ReplicaPermissionError",
+    "ObjectNotFoundError",
+    "CorruptObjectError",
+    "RestoreError",
+    "NoBackupError",
+    "DatabaseExistsError",
+    "PointInTimeError",
+    "SyncTimeoutError",
+    "StagingFullError",
+]

@@ -1,0 +1,645 @@
+"""Capturing the live database: pins, WAL reading, segments and snapshots.
+
+Everything here is blocking and meant for one worker thread at a time; the
+async replicator (``_replicator``) calls it through ``anyio.to_thread``.
+
+How continuity is kept (see docs/architecture.md for the long form). SQLite
+destroys WAL frames only when it restarts or truncates the WAL, and it does
+that only once every frame has been checkpointed into the database file *and*
+no reader holds a WAL read-mark above zero. A checkpoint, in turn, never copies
+frames beyond the smallest read-mark of any reader. So :class:`Capture` always
+holds a read transaction (a *pin*) whose snapshot ends at or before the last
+frame it has copied: no checkpoint, ours or another process's, can then copy,
+let alone discard, a frame we have not read. To advance, it opens a second pin
+*before* releasing the first, copies up to where the second one ends, and only
+then releases the first. When the WAL is fully checkpointed, a new pin sits on
+read-mark zero, which blocks every checkpoint while letting writers restart
+the WAL from the top: that is how the WAL stays small.
+
+Snapshots need no write lock: the state at WAL frame ``F`` is the database
+file (which holds every frame up to ``nBackfill`` and, while a pin is held,
+nothing beyond it that matters) overlaid with the latest copy of each page in
+frames ``nBackfill+1..F``.
+
+Continuity is checked, never assumed: a WAL shorter than our position, a
+copied frame whose checksum changed, a restart that is not exactly one step
+(salt-1 + 1 and checkpoint sequence + 1), or a database file whose checksum
+differs from the one recorded all raise :class:`ContinuityLost`, and the
+replicator starts a new generation from a snapshot.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import _format
+from ._errors import WalModeError
+from ._format import ObjectHeader, ObjectWriter, page_hash
+from ._staging import Staging
+from ._wal import (
+    FRAME_HEADER_SIZE,
+    WAL_HEADER_SIZE,
+    IndexHeader,
+    WalHeader,
+    frame_offset,
+    lock_page,
+    long_lived_fd,
+    parse_frame_header,
+    parse_wal_header,
+    read_index_header,
+)
+
+__all__ = ["Capture", "CaptureRetry", "ContinuityLost", "Position", "Staged"]
+
+_MASK = 0xFFFFFFFF
+_READ_CHUNK = 8 << 20
+_FRAME_HDR = struct.Struct(">II")
+
+
+class ContinuityLost(Exception):
+    """The WAL no longer continues from the recorded position; a new
+    generation (with a snapshot) is needed. The message says why."""
+
+
+class CaptureRetry(Exception):
+    """A transient inconsistency (the WAL changed while being read); retry."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """The last WAL frame copied: salt of its WAL incarnation, frame index
+    (0 = none of this incarnation), the running checksum after it, and the WAL
+    header's checkpoint sequence number (-1 when unknown)."""
+
+    salt: bytes
+    frame: int
+    checksum: tuple[int, int]
+    seq: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "salt": self.salt.hex(),
+            "frame": self.frame,
+            "checksum": list(self.checksum),
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Position:
+        return cls(
+            bytes.fromhex(d["salt"]),
+            int(d["frame"]),
+            (int(d["checksum"][0]), int(d["checksum"][1])),
+            int(d["seq"]),
+        )
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An object written to the staging directory, ready to upload."""
+
+    key: str
+    path: str
+    header: ObjectHeader
+
+
+@dataclass
+class _Plan:
+    latest: dict[int, int]  # page number -> frame holding its newest copy
+    size: int  # database size in pages after the last commit
+    truncate: int  # smallest size seen
+    commits: int
+
+
+class Capture:
+    """The live database as the replicator reads it. See the module docstring.
+
+    Not thread-safe; every method blocks. ``open`` before anything else and
+    ``close`` at the end (closing releases the pins: if no other connection is
+    open, SQLite then checkpoints and deletes the WAL, so flush first).
+    """
+
+    def __init__(self, database: str, *, busy_timeout: float = 5.0) -> None:
+        self.database = os.path.abspath(database)
+        self.wal_path = self.database + "-wal"
+        self.shm_path = self.database + "-shm"
+        self._busy_timeout = busy_timeout
+        self._pins: list[sqlite3.Connection] = []
+        self._spare: list[sqlite3.Connection] = []
+        self._ckpt: sqlite3.Connection | None = None
+        self._db_fd: int | None = None
+        self._shm_fd: int | None = None
+        self._wal_fd: int | None = None
+        self._wal_ino: tuple[int, int] | None = None
+        self.page_size = 0
+        self.position: Position | None = None
+        self.txid = 0
+        self.db_size = 0
+        self.checksum = 0
+        self._hashes = array.array("Q")
+
+    # -- connections and files ------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.database, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout
+        )
+        # Our own connections must never checkpoint on their own.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
+
+    def open(self, *, set_wal: bool = False) -> None:
+        """Open connections and descriptors; check (or, with ``set_wal``, set)
+        WAL mode. Raises :class:`WalModeError` if the database is not in WAL
+        mode and cannot be put in it."""
+        if not os.path.exists(self.database):
+            raise FileNotFoundError(f"database {self.database} does not exist")
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL" if set_wal else "PRAGMA journal_mode").fetchone()[0]
+        except sqlite3.Error as exc:
+            conn.close()
+            raise WalModeError(f"{self.database}: cannot read or set the journal mode: {exc}") from exc
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise WalModeError(
+                f"{self.database} is in journal_mode={mode}, not WAL; open it with sqlrepl.connect()"
+                " (which sets WAL mode) or run PRAGMA journal_mode=WAL once"
+            )
+        self._ckpt = conn
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+        self._db_fd = long_lived_fd(self.database)
+        self.page_size = self._db_page_size()
+
+    def close(self) -> None:
+        """Release pins and close connections (see the class docstring)."""
+        for conn in [*self._pins, *self._spare, *([self._ckpt] if self._ckpt else [])]:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._pins, self._spare, self._ckpt = [], [], None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)  # the -wal file carries no locks of SQLite's
+            self._wal_fd = None
+
+    def abandon(self) -> None:
+        """After ``fork()``, in the child: drop everything without closing it.
+
+        Closing SQLite connections inherited across fork can checkpoint or
+        delete the parent's WAL; the objects are leaked on purpose.
+        """
+        _abandoned.append((self._pins, self._spare, self._ckpt))
+        self._pins, self._spare, self._ckpt, self._wal_fd = [], [], None, None
+
+    def _db_page_size(self) -> int:
+        assert self._db_fd is not None
+        head = os.pread(self._db_fd, 100, 0)
+        if len(head) < 100:
+            return 0
+        (ps,) = struct.unpack_from(">H", head, 16)
+        return 65536 if ps == 1 else ps
+
+    def _wal(self) -> int | None:
+        """A descriptor on the current -wal file (reopened if it was replaced)."""
+        try:
+            st = os.stat(self.wal_path)
+        except FileNotFoundError:
+            return None
+        ino = (st.st_dev, st.st_ino)
+        if self._wal_fd is None or self._wal_ino != ino:
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+            self._wal_fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            self._wal_ino = ino
+        return self._wal_fd
+
+    def _wal_header(self) -> WalHeader | None:
+        fd = self._wal()
+        return parse_wal_header(os.pread(fd, WAL_HEADER_SIZE, 0)) if fd is not None else None
+
+    # -- pins ----------------------------------------------------------------
+
+    def _begin_pin(self) -> sqlite3.Connection:
+        conn = self._spare.pop() if self._spare else self._connect()
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        self._spare.append(conn)
+
+    def _advance_pin(self, new: sqlite3.Connection) -> None:
+        """Make ``new`` the only pin (the caller has copied up to its end)."""
+        old, self._pins = self._pins, [new]
+        for conn in old:
+            self._release(conn)
+
+    def index(self) -> IndexHeader:
+        """The current wal-index header (retried while SQLite rewrites it)."""
+        if self._shm_fd is None:
+            self._shm_fd = long_lived_fd(self.shm_path)
+        for _ in range(400):
+            if self._shm_fd is not None:
+                hdr = read_index_header(self._shm_fd)
+                if hdr is not None:
+                    return hdr
+            else:
+                self._shm_fd = long_lived_fd(self.shm_path)
+            time.sleep(0.0005)
+        raise CaptureRetry(f"{self.shm_path}: wal-index header unreadable (SQLite is rewriting it?)")
+
+    def changed(self) -> bool:
+        """Cheap (one small read): might anything be new since the position?"""
+        pos = self.position
+        if pos is None:
+            return True
+        hdr = self.index()
+        return hdr.max_frame != pos.frame if hdr.salt == pos.salt else hdr.max_frame > 0
+
+    def pending_checkpoint(self) -> int:
+        """Frames in the WAL not yet checkpointed into the database file."""
+        hdr = self.index()
+        return hdr.max_frame - hdr.backfilled
+
+    # -- reading the WAL -------------------------------------------------------
+
+    def _frames(self, first: int, last: int) -> Iterator[tuple[int, memoryview]]:
+        """Chunks of whole frames ``first..last``: ``(first frame in chunk, bytes)``."""
+        fd = self._wal()
+        if fd is None:
+            raise CaptureRetry(f"{self.wal_path} disappeared while reading")
+        step = FRAME_HEADER_SIZE + self.page_size
+        per = max(1, _READ_CHUNK // step)
+        f = first
+        while f <= last:
+            n = min(per, last - f + 1)
+            data = os.pread(fd, n * step, frame_offset(f, self.page_size))
+            if len(data) != n * step:
+                raise CaptureRetry(f"{self.wal_path} is shorter than the wal-index says")
+            yield f, memoryview(data)
+            f += n
+
+    def _plan(self, first: int, last: int, size: int, chunks: list[tuple[int, memoryview]] | None) -> _Plan:
+        """Which frame holds the newest copy of each page in ``first..last``,
+        dropping pages cut off by a commit that shrank the database."""
+        latest: dict[int, int] = {}
+        truncate = size
+        commits = 0
+        max_pgno = 0
+        step = FRAME_HEADER_SIZE + self.page_size
+        unpack = _FRAME_HDR.unpack_from
+        for f0, data in chunks if chunks is not None else self._frames(first, last):
+            for i, off in enumerate(range(0, len(data), step)):
+                pgno, commit = unpack(data, off)
+                latest[pgno] = f0 + i
+                if pgno > max_pgno:
+                    max_pgno = pgno
+                if commit:
+                    commits += 1
+                    size = commit
+                    if commit < truncate:
+                        truncate = commit
+                    if commit < max_pgno:
+                        for p in [p for p in latest if p > commit]:
+                            del latest[p]
+                        max_pgno = max(latest, default=0)
+        return _Plan(latest, size, truncate, commits)
+
+    def _check_frame(self, frame: int, salt: bytes, checksum: tuple[int, int] | None) -> int:
+        """Check frame ``frame`` still has ``salt`` (and ``checksum``); return
+        its commit size. Raises :class:`ContinuityLost` if it does not."""
+        fd = self._wal()
+        raw = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(frame, self.page_size)) if fd is not None else b""
+        if len(raw) < FRAME_HEADER_SIZE:
+            raise ContinuityLost(f"WAL frame {frame} is gone (the WAL is shorter)")
+        _pgno, commit, fsalt, c0, c1 = parse_frame_header(raw)
+        if fsalt != salt or (checksum is not None and (c0, c1) != checksum):
+            raise ContinuityLost(f"WAL frame {frame} was overwritten")
+        return commit
+
+    # -- establishing a position ----------------------------------------------
+
+    def start(self, state: dict[str, Any] | None) -> str | None:
+        """Take the first pin and decide whether the recorded ``state`` still
+        continues in this database. Returns ``None`` if it does (the position,
+        txid and checksums are loaded, verified against the database file), or
+        the reason a new generation is needed."""
+        self._pins = [self._begin_pin()]
+        if state is None:
+            return "no replication state yet"
+        if int(state.get("page_size", 0)) != self.page_size:
+            return "page size changed"
+        pos = Position.from_json(state["wal"])
+        hdr = self.index()
+        wal_header = self._wal_header()
+        if pos.frame and hdr.salt == pos.salt and pos.frame <= hdr.max_frame:
+            try:
+                size = self._check_frame(pos.frame, pos.salt, pos.checksum)
+            except ContinuityLost as exc:
+                return str(exc)
+            if hdr.backfilled > pos.frame:
+                return "frames past the replicated position were checkpointed while sqlrepl was not running"
+            at = pos
+        elif hdr.backfilled == 0 and (hdr.max_frame == 0 or wal_header is not None):
+            # A new WAL incarnation, nothing of it checkpointed: the database
+            # file alone is the state before its first frame.
+            size = 0
+            at = Position(hdr.salt, 0, (0, 0), wal_header.checkpoint_seq if wal_header else -1)
+        else:
+            return "the WAL was reset while sqlrepl was not running"
+        hashes, checksum, size = self._scan(at.frame, hdr.backfilled, size)
+        if checksum != int(state["db_checksum"], 16) or size != int(state["db_size"]):
+            return "the database changed while sqlrepl was not running"
+        self.position = at
+        self.txid = int(state["txid"])
+        self._hashes, self.checksum, self.db_size = hashes, checksum, size
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """What ``start`` needs to continue after a restart."""
+        assert self.position is not None
+        return {
+            "page_size": self.page_size,
+            "txid": self.txid,
+            "db_size": self.db_size,
+            "db_checksum": f"{self.checksum:016x}",
+            "wal": self.position.as_json(),
+        }
+
+    # -- scanning the whole database ---------------------------------------------
+
+    def _scan(
+        self,
+        frame: int,
+        backfilled: int,
+        size: int,
+        sink: Callable[[int, bytes], None] | None = None,
+    ) -> tuple[array.array[int], int, int]:
+        """Hash (and feed ``sink``) every page of the state at WAL ``frame``:
+        the database file (which holds frames up to ``backfilled``) overlaid
+        with frames ``backfilled+1..frame``.
+
+        ``size`` is the state's size in pages (0: take it from the file).
+        Returns the page hashes, the database checksum and the size. Raises
+        :class:`CaptureRetry` if a checkpoint moved while it read.
+        """
+        assert self._db_fd is not None
+        ps = self.page_size
+        plan = self._plan(backfilled + 1, frame, 0, None) if frame > backfilled else _Plan({}, 0, 0, 0)
+        if not size:
+            size = plan.size if plan.commits else os.fstat(self._db_fd).st_size // ps
+        overlay = {p: f for p, f in plan.latest.items() if p <= size}
+        wal_fd = self._wal() if overlay else None
+        hashes = array.array("Q", bytes(8 * size))
+        checksum = 0
+        skip = lock_page(ps)
+        chunk_pages = max(1, (4 << 20) // ps)
+        for start in range(1, size + 1, chunk_pages):
+            n = min(chunk_pages, size - start + 1)
+            data = memoryview(os.pread(self._db_fd, n * ps, (start - 1) * ps))
+            for i in range(n):
+                pgno = start + i
+                if pgno == skip:
+                    continue
+                f = overlay.get(pgno)
+                if f is not None:
+                    assert wal_fd is not None
+                    page = os.pread(wal_fd, ps, frame_offset(f, ps) + FRAME_HEADER_SIZE)
+                else:
+                    page = bytes(data[i * ps : (i + 1) * ps])
+                if len(page) != ps:
+                    raise CaptureRetry(
+                        f"page {pgno} is missing from {self.database} (file shorter than the database)"
+                    )
+                h = page_hash(pgno, page)
+                hashes[pgno - 1] = h
+                checksum ^= h
+                if sink is not None:
+                    sink(pgno, page)
+        if self.index().backfilled != backfilled:
+            raise CaptureRetry("a checkpoint ran while the database was being read")
+        return hashes, checksum, size
+
+    # -- producing objects -------------------------------------------------------
+
+    def new_generation(self, staging: Staging, generation: str) -> Staged:
+        """Snapshot the database as it is now, as the start of ``generation``.
+
+        The snapshot gets txid ``self.txid + 1`` and becomes the position.
+        """
+        new = self._begin_pin()
+        try:
+            hdr = self.index()
+            self.page_size = self._db_page_size() or self.page_size
+            wal_header = self._wal_header() if hdr.max_frame else None
+            if hdr.max_frame:
+                if wal_header is None or wal_header.salt != hdr.salt:
+                    raise CaptureRetry("WAL header does not match the wal-index")
+                self._check_frame(hdr.max_frame, hdr.salt, hdr.frame_checksum)
+            txid = self.txid + 1
+            staged, hashes, checksum, size = self._write_snapshot(
+                staging, generation, txid, hdr.max_frame, hdr.backfilled
+            )
+        except BaseException:
+            self._release(new)
+            raise
+        self._advance_pin(new)
+        seq = wal_header.checkpoint_seq if wal_header else -1
+        checksum_at = hdr.frame_checksum if hdr.max_frame else (0, 0)
+        self.position = Position(hdr.salt, hdr.max_frame, checksum_at, seq)
+        self.txid, self._hashes, self.checksum, self.db_size = txid, hashes, checksum, size
+        return staged
+
+    def snapshot(self, staging: Staging, generation: str) -> Staged:
+        """Snapshot the state at the current position, with the current txid,
+        to shorten restores. Does not move the position."""
+        pos = self.position
+        assert pos is not None
+        hdr = self.index()
+        # After a restart of the WAL the old incarnation was wholly checkpointed
+        # and ended at our position: the database file alone is that state.
+        frame = pos.frame if hdr.salt == pos.salt else 0
+        if hdr.backfilled > frame:
+            raise CaptureRetry("frames past the position were checkpointed; capture first")
+        staged, _hashes, checksum, _size = self._write_snapshot(
+            staging, generation, self.txid, frame, hdr.backfilled, self.db_size
+        )
+        if checksum != self.checksum:
+            raise ContinuityLost("the snapshot does not match the replicated state (the database changed)")
+        return staged
+
+    def _write_snapshot(
+        self, staging: Staging, generation: str, txid: int, frame: int, backfilled: int, size: int = 0
+    ) -> tuple[Staged, array.array[int], int, int]:
+        with staging.temp_object() as (f, finish):
+            writer = ObjectWriter(f, self.page_size)
+            hashes, checksum, size = self._scan(frame, backfilled, size, writer.add)
+            now = int(time.time() * 1000)
+            header = writer.finish(
+                kind=_format.KIND_SNAPSHOT,
+                first_txid=txid,
+                last_txid=txid,
+                timestamp_ms=now,
+                db_size=size,
+                truncate_size=size,
+                pre_checksum=0,
+                post_checksum=checksum,
+            )
+            key = _format.snapshot_key(generation, txid, now)
+            path = finish(key)
+        return Staged(key, path, header), hashes, checksum, size
+
+    def capture(self, staging: Staging, generation: str) -> Staged | None:
+        """Copy every transaction committed since the position into one staged
+        segment, advance the position and the pin. ``None`` if nothing new."""
+        pos = self.position
+        assert pos is not None
+        hdr = self.index()
+        if not self._has_new(pos, hdr):
+            return None
+        new = self._begin_pin()
+        try:
+            hdr = self.index()  # ends at or after the new pin's snapshot
+            staged = self._capture(staging, generation, pos, hdr)
+        except BaseException:
+            self._release(new)
+            raise
+        self._advance_pin(new)
+        return staged
+
+    def _has_new(self, pos: Position, hdr: IndexHeader) -> bool:
+        if hdr.salt == pos.salt:
+            if hdr.max_frame < pos.frame:
+                raise ContinuityLost(
+                    f"the WAL is shorter ({hdr.max_frame} frames) than the position ({pos.frame})"
+                )
+            return hdr.max_frame > pos.frame
+        return hdr.max_frame > 0
+
+    def _capture(self, staging: Staging, generation: str, pos: Position, hdr: IndexHeader) -> Staged:
+        if not self._has_new(pos, hdr):
+            raise CaptureRetry("nothing new after pinning")
+        wal_header = self._wal_header()
+        if wal_header is None or wal_header.salt != hdr.salt:
+            raise CaptureRetry("WAL header does not match the wal-index")
+        if wal_header.page_size != self.page_size:
+            raise ContinuityLost(f"page size changed from {self.page_size} to {wal_header.page_size}")
+        if hdr.salt == pos.salt:
+            if pos.frame:
+                self._check_frame(pos.frame, pos.salt, pos.checksum)
+            first = pos.frame + 1
+        else:
+            # One restart since our last copy, never more: our pin let SQLite
+            # restart the WAL only once every frame in it had been copied.
+            # Anything else means frames were lost.
+            if pos.frame and (
+                wal_header.salt1 != (int.from_bytes(pos.salt[:4], "big") + 1) & _MASK
+                or (pos.seq >= 0 and wal_header.checkpoint_seq != pos.seq + 1)
+            ):
+                raise ContinuityLost("the WAL was restarted more than once since the last copy")
+            first = 1
+        last = hdr.max_frame
+        self._check_frame(last, hdr.salt, hdr.frame_checksum)
+        if hdr.backfilled >= first and hdr.salt != pos.salt:
+            raise ContinuityLost("frames were checkpointed before sqlrepl copied them")
+
+        step = FRAME_HEADER_SIZE + self.page_size
+        small = (last - first + 1) * step <= _READ_CHUNK
+        chunks = list(self._frames(first, last)) if small else None
+        plan = self._plan(first, last, self.db_size, chunks)
+
+        ps = self.page_size
+        skip = lock_page(ps)
+        hashes = self._hashes
+        pre = self.checksum
+        post = pre
+        for p in range(plan.truncate + 1, len(hashes) + 1):
+            post ^= hashes[p - 1]
+        updates: list[tuple[int, int]] = []
+        latest = plan.latest
+        with staging.temp_object() as (f, finish):
+            writer = ObjectWriter(f, ps)
+            for f0, data in chunks if chunks is not None else self._frames(first, last):
+                for i, off in enumerate(range(0, len(data), step)):
+                    (pgno,) = struct.unpack_from(">I", data, off)
+                    if latest.get(pgno) != f0 + i or pgno == skip:
+                        continue
+                    page = data[off + FRAME_HEADER_SIZE : off + step]
+                    h = page_hash(pgno, page)
+                    old = hashes[pgno - 1] if pgno <= plan.truncate and pgno <= len(hashes) else 0
+                    post ^= old ^ h
+                    updates.append((pgno, h))
+                    writer.add(pgno, page)
+            now = int(time.time() * 1000)
+            header = writer.finish(
+                kind=_format.KIND_SEGMENT,
+                first_txid=self.txid + 1,
+                last_txid=self.txid + plan.commits,
+                timestamp_ms=now,
+                db_size=plan.size,
+                truncate_size=plan.truncate,
+                pre_checksum=pre,
+                post_checksum=post,
+            )
+            key = _format.segment_key(generation, self.txid + 1, self.txid + plan.commits, now)
+            path = finish(key)
+
+        # The object is durable: now move the in-memory state forward.
+        if plan.truncate < len(hashes):
+            del hashes[plan.truncate :]
+        if plan.size > len(hashes):
+            hashes.extend(array.array("Q", bytes(8 * (plan.size - len(hashes)))))
+        for pgno, h in updates:
+            hashes[pgno - 1] = h
+        self.checksum = post
+        self.db_size = plan.size
+        self.txid += plan.commits
+        self.position = Position(hdr.salt, last, hdr.frame_checksum, wal_header.checkpoint_seq)
+        return Staged(key, path, header)
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def checkpoint(self, *, truncate_over: int) -> bool:
+        """PASSIVE checkpoint (it cannot pass our pin, so only copied frames
+        move into the database file). If that completes the WAL, re-pin on
+        read-mark zero so writers may restart it, and TRUNCATE it when the file
+        is larger than ``truncate_over`` bytes (only possible, and safe, when
+        nothing uncopied exists: our read-mark-zero pin blocks any checkpoint
+        of newer frames). Returns True if the WAL was fully checkpointed."""
+        assert self._ckpt is not None
+        assert self.position is not None
+        busy, log, done = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy or log <= 0 or log != done:
+            return False
+        new = self._begin_pin()
+        hdr = self.index()
+        if hdr.salt != self.position.salt or hdr.max_frame != self.position.frame:
+            self._release(new)  # commits raced in; the next capture moves on
+            return True
+        self._advance_pin(new)
+        try:
+            size = os.stat(self.wal_path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size > truncate_over:
+            self._ckpt.execute("PRAGMA busy_timeout=0")
+            try:
+                self._ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self._ckpt.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+        return True
+
+
+_abandoned: list[Any] = []

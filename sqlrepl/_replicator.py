@@ -1,0 +1,1014 @@
+"""The replicator: one per database file per process, on a background thread.
+
+Its thread runs an anyio event loop (asyncio backend, which aiobotocore
+needs) with one task that captures and one uploader task per replica:
+
+- capture: at most once per sync interval (at once when the database has
+  been idle, when ``sync()`` asks, or when a replica needs a snapshot), copy
+  new WAL frames into a staged segment (crash-safe on disk), record the
+  position, then checkpoint (PASSIVE) when the WAL has grown;
+- upload: each replica uploads the staged objects it needs, in order, with
+  its own position and its own backoff, so one failing store never holds the
+  others back; an object is deleted from staging once no replica needs it.
+
+App threads only *nudge* (a flag and, if the loop is idle, one byte on a
+pipe) and never wait for the loop, except in ``sync()`` or a commit with
+``durability="replicated"``.
+
+Only one process replicates a database at a time: the holder of the lock in
+the staging directory. Others run in standby: they watch the lock and take
+over from the recorded position when the holder dies, and meanwhile answer
+``sync()`` from the progress the holder publishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from . import _format
+from ._capture import Capture, CaptureRetry, ContinuityLost, Staged
+from ._errors import ConfigError, ReplicaError, StagingFullError, SyncTimeoutError, WalModeError
+from ._replica import ReplicaClient, open_replica, redact_url
+from ._staging import Staging
+
+__all__ = ["Options", "Replicator", "Status", "get_replicator", "stop_all"]
+
+log = logging.getLogger("sqlrepl")
+
+_SNAPSHOT = "S"
+_SEGMENT = "G"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Tuning for a replicator. Every field has a sensible default.
+
+    - ``sync_interval``: at most one upload (one PUT) per replica per this
+      many seconds in steady state; also the usual bound on replication lag.
+    - ``poll_interval``: how often the WAL is looked at when the database is
+      idle, to notice commits that did not go through ``sqlrepl.connect``
+      (other processes, other libraries). One 136-byte read each time.
+    - ``checkpoint_frames``: checkpoint (PASSIVE) once this many frames are
+      in the WAL and copied (SQLite's own default is 1000).
+    - ``truncate_wal_bytes``: truncate the WAL file when it has grown past
+      this size (after a large transaction), once it is safe to.
+    - ``snapshot_interval``: take a new snapshot at least this often while
+      the database changes (seconds); snapshots are also taken when the
+      segments since the last one outweigh it.
+    - ``retention``: keep what is needed to restore any point this far back
+      (seconds); older generations, snapshots and segments are deleted.
+      ``None`` keeps everything.
+    - ``staging_soft_limit`` / ``staging_hard_limit``: bytes of objects
+      waiting in the staging directory before a warning / before the objects
+      of replicas that keep failing are dropped (they get a fresh snapshot
+      when they come back).
+    - ``exit_timeout``: at interpreter exit, wait this long for pending
+      uploads.
+    - ``busy_timeout``: SQLite busy timeout of the replicator's connections.
+    """
+
+    sync_interval: float = 1.0
+    poll_interval: float = 0.1
+    checkpoint_frames: int = 1000
+    truncate_wal_bytes: int = 64 << 20
+    snapshot_interval: float = 24 * 3600.0
+    retention: float | None = 24 * 3600.0
+    retention_check_interval: float = 3600.0
+    staging_soft_limit: int = 256 << 20
+    staging_hard_limit: int = 2 << 30
+    exit_timeout: float = 10.0
+    busy_timeout: float = 5.0
+    retry_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("sync_interval", "poll_interval", "exit_timeout", "busy_timeout", "retry_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"option {name} must be a number >= 0, got {value!r}")
+        if self.checkpoint_frames < 1:
+            raise ConfigError("option checkpoint_frames must be >= 1")
+
+
+@dataclass
+class _Obj:
+    """A staged object, ordered as replicas must upload them."""
+
+    generation: str
+    kind: str
+    first: int
+    last: int
+    key: str
+    path: str
+    size: int
+
+    @property
+    def order(self) -> tuple[str, int, int]:
+        return (self.generation, self.last, 0 if self.kind == _SEGMENT else 1)
+
+
+@dataclass
+class _Replica:
+    url: str
+    client: ReplicaClient
+    state_path: str
+    generation: str | None = None
+    txid: int = 0
+    uploaded: set[str] = field(default_factory=set)
+    last_error: str | None = None
+    failing_since: float | None = None
+    checked: bool = False
+    work: anyio.Event | None = None
+    uploads: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "generation": self.generation,
+            "txid": self.txid,
+            "uploaded": sorted(self.uploaded),
+        }
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One replica's progress, as seen by :attr:`Replicator.status`."""
+
+    url: str
+    generation: str | None
+    txid: int
+    last_error: str | None
+    requests: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Status:
+    """A replicator's progress: generation, captured txid, per-replica state."""
+
+    database: str
+    role: str  # "starting", "replicating", "standby", "stopped", "failed"
+    generation: str | None
+    txid: int
+    replicas: tuple[ReplicaStatus, ...]
+    staged_objects: int
+    staged_bytes: int
+    error: str | None
+
+
+class Replicator:
+    """Continuously replicates one database file. See the module docstring.
+
+    Made by :func:`get_replicator` (one per database per process), started
+    lazily, stopped at interpreter exit. Every public method is thread-safe.
+    """
+
+    def __init__(self, database: str, replicas: Sequence[str], options: Options | None = None) -> None:
+        self.database = os.path.abspath(database)
+        self.urls = tuple(replicas)
+        self.options = options or Options()
+        if not self.urls:
+            raise ConfigError("a replicator needs at least one replica URL")
+        # Parse every URL now (no I/O) so that a bad one fails in connect().
+        self._clients = [open_replica(u) for u in self.urls]
+        self._staging = Staging(self.database)
+        self._capture: Capture | None = None
+        self._generation: str | None = None
+        self._txid = 0
+        self._replicas: list[_Replica] = []
+        self._staged: list[_Obj] = []
+        self._cond = threading.Condition()
+        self._checked: tuple[int, str | None, int] = (0, None, 0)  # (monotonic ns, generation, txid)
+        self._role = "starting"
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._stop_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._idle = False
+        self._woken = False
+        self._sync_requests = 0
+        self._snapshot_wanted = False
+        self._last_capture = 0.0
+        self._since_snapshot_bytes = 0
+        self._since_snapshot_count = 0
+        self._last_snapshot_size = 0
+        self._last_snapshot_time = time.time()
+        self._soft_warned = False
+        self._nudge_sock: socket.socket | None = None
+        self._peer_nudge_at = 0.0
+
+    # -- public, any thread ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background thread (idempotent)."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._thread_main, name=f"sqlrepl {os.path.basename(self.database)}", daemon=True
+            )
+            self._thread.start()
+
+    def nudge(self) -> None:
+        """A commit happened: wake the loop if it sleeps. Costs a few
+        attribute reads, and one write to a pipe when the loop is idle."""
+        if self._role == "standby":
+            self._nudge_peer()
+        elif self._idle and not self._woken:
+            self._woken = True
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def sync(self, timeout: float | None = 30.0) -> None:
+        """Block until everything committed before the call is in every
+        replica, or raise :class:`SyncTimeoutError` after ``timeout`` seconds.
+        """
+        self.start()
+        asked = time.monotonic_ns()
+        with self._cond:
+            self._sync_requests += 1
+        self._wake()
+        if self._role == "standby":
+            self._nudge_peer(force=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._cond:
+                while not self._synced(asked):
+                    if self._role in ("stopped", "failed") and not self._synced(asked):
+                        raise SyncTimeoutError(
+                            f"sync {self.database}: the replicator is {self._role}"
+                            + (f" ({self._error})" if self._error else "")
+                        )
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise SyncTimeoutError(self._sync_timeout_message(timeout))
+                    self._cond.wait(0.2 if left is None else min(left, 0.2))
+                    if self._role == "standby":
+                        self._read_progress_locked()
+        finally:
+            with self._cond:
+                self._sync_requests -= 1
+
+    def _synced(self, asked: int) -> bool:
+        checked_at, gen, txid = self._checked
+        if checked_at < asked or gen is None:
+            return False
+        return all(r.generation == gen and r.txid >= txid for r in self._replicas) and bool(self._replicas)
+
+    def _sync_timeout_message(self, timeout: float | None) -> str:
+        lagging = [
+            f"{r.url} at txid {r.txid}" + (f" ({r.last_error})" if r.last_error else "")
+            for r in self._replicas
+            if r.generation != self._checked[1] or r.txid < self._checked[2]
+        ]
+        return (
+            f"sync {self.database}: not every replica caught up within {timeout}s"
+            f" (need txid {self._checked[2]}; lagging: {', '.join(lagging) or 'capture not done yet'})."
+            " The data is committed locally and staged; it will be uploaded when the replica recovers."
+        )
+
+    def stop(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Stop the thread; with ``flush``, first capture and upload what is
+        pending, for at most ``timeout`` seconds (default ``exit_timeout``)."""
+        timeout = self.options.exit_timeout if timeout is None else timeout
+        self._stop_deadline = time.monotonic() + (timeout if flush else 0.0)
+        self._stop.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout + 5.0)
+            if thread.is_alive():
+                log.warning("replicator of %s did not stop within %.1fs", self.database, timeout)
+
+    @property
+    def status(self) -> Status:
+        with self._cond:
+            reps = tuple(
+                ReplicaStatus(r.url, r.generation, r.txid, r.last_error, r.client.stats.as_dict())
+                for r in self._replicas
+            ) or tuple(ReplicaStatus(c.url, None, 0, None, c.stats.as_dict()) for c in self._clients)
+            return Status(
+                self.database,
+                self._role,
+                self._generation,
+                self._txid,
+                reps,
+                len(self._staged),
+                sum(o.size for o in self._staged),
+                self._error,
+            )
+
+    # -- fork ----------------------------------------------------------------
+
+    def _abandon_after_fork(self) -> None:
+        """In a forked child: forget the parent's thread, pins and lock,
+        closing nothing that could touch the parent's database state."""
+        if self._capture is not None:
+            self._capture.abandon()
+        self._staging.forget_lock_after_fork()
+        self._thread = None
+        self._role = "stopped"
+
+    # -- the loop --------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            anyio.run(self._main, backend="asyncio")
+        except BaseException as exc:  # never let the thread die silently
+            log.exception("replicator of %s crashed", self.database)
+            with self._cond:
+                self._role, self._error = "failed", f"{type(exc).__name__}: {exc}"
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                if self._role != "failed":
+                    self._role = "stopped"
+                self._cond.notify_all()
+
+    async def _main(self) -> None:
+        try:
+            if not await self._acquire_lock():
+                return
+            await self._run_locked()
+        finally:
+            for client in self._clients:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            if self._capture is not None:
+                await anyio.to_thread.run_sync(self._capture.close)
+            if self._nudge_sock is not None:
+                self._nudge_sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self._nudge_path)
+            self._staging.unlock()
+
+    @property
+    def _nudge_path(self) -> str:
+        return os.path.join(self._staging.root, "nudge.sock")
+
+    async def _acquire_lock(self) -> bool:
+        """Become the replicating process, or wait in standby until we can."""
+        await anyio.to_thread.run_sync(self._staging.ensure)
+        while not self._stop.is_set():
+            if await anyio.to_thread.run_sync(self._staging.try_lock):
+                return True
+            if self._role != "standby":
+                log.info("%s is replicated by another process; standing by", self.database)
+                with self._cond:
+                    self._role = "standby"
+            await self._sleep(0.25)
+            with self._cond:
+                self._read_progress_locked()
+                self._cond.notify_all()
+        return False
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep until woken (pipe or peer socket) or ``seconds`` pass."""
+        self._idle = True
+        if not self._woken:
+            with anyio.move_on_after(max(0.0, seconds)):
+                await self._wait_wake()
+        self._idle = False
+        self._woken = False
+        self._drain_wake()
+
+    async def _wait_wake(self) -> None:
+        """Return when the wake pipe or the peers' nudge socket is readable."""
+        sock = self._nudge_sock
+        if sock is None:
+            await anyio.wait_readable(self._wake_r)
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def wait(fd: int) -> None:
+                await anyio.wait_readable(fd)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait, self._wake_r)
+            tg.start_soon(wait, sock.fileno())
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        sock = self._nudge_sock
+        if sock is None:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            while True:
+                if sock.recv(64) == b"s":
+                    # A peer process's sync(): capture now, not at the interval.
+                    self._last_capture = 0.0
+
+    async def _run_locked(self) -> None:
+        with self._cond:
+            self._role = "starting"
+        self._staging.remove_temp_files()
+        self._open_nudge_socket()
+        capture = Capture(self.database, busy_timeout=self.options.busy_timeout)
+        try:
+            await anyio.to_thread.run_sync(capture.open)
+        except (WalModeError, FileNotFoundError) as exc:
+            with self._cond:
+                self._role, self._error = "failed", str(exc)
+                self._cond.notify_all()
+            log.error("cannot replicate %s: %s", self.database, exc)
+            return
+        self._capture = capture
+        self._load_replicas()
+        await self._start_position()
+        self._collect_staged()
+        with self._cond:
+            self._role = "replicating"
+            self._cond.notify_all()
+        async with anyio.create_task_group() as tg:
+            for r in self._replicas:
+                tg.start_soon(self._uploader, r)
+            tg.start_soon(self._maintenance)
+            await self._capture_loop()
+            # Flush: let uploaders drain until the deadline, then stop them.
+            with anyio.move_on_after(max(0.0, self._stop_deadline - time.monotonic())):
+                while any(self._next_for(r) is not None and r.last_error is None for r in self._replicas):
+                    for r in self._replicas:
+                        self._kick(r)
+                    await anyio.sleep(0.02)
+            pending = [r.url for r in self._replicas if self._next_for(r) is not None]
+            if pending:
+                log.warning(
+                    "stopping with objects of %s not yet uploaded to %s; they stay staged in %s"
+                    " and are uploaded on the next start",
+                    self.database,
+                    ", ".join(pending),
+                    self._staging.root,
+                )
+            tg.cancel_scope.cancel()
+
+    def _open_nudge_socket(self) -> None:
+        path = self._nudge_path
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setblocking(False)
+        except OSError as exc:  # a path too long for AF_UNIX: peers fall back to polling
+            log.debug("no nudge socket at %s: %s", path, exc)
+            return
+        self._nudge_sock = sock
+
+    def _nudge_peer(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._peer_nudge_at < 0.05:
+            return
+        self._peer_nudge_at = now
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.sendto(b"s" if force else b"n", self._nudge_path)
+            finally:
+                sock.close()
+        except OSError:
+            pass
+
+    def _load_replicas(self) -> None:
+        staged = self._staging.staged_keys()
+        self._staged = sorted(
+            (o for o in (self._obj_from_key(k) for k in staged) if o is not None), key=lambda o: o.order
+        )
+        keys = {o.key for o in self._staged}
+        for url, client in zip(self.urls, self._clients, strict=True):
+            path = self._staging.replica_path(redact_url(url) + "\0" + url)
+            saved = self._staging.read_json(path) or {}
+            self._replicas.append(
+                _Replica(
+                    url=client.url,
+                    client=client,
+                    state_path=path,
+                    generation=saved.get("generation"),
+                    txid=int(saved.get("txid", 0)),
+                    uploaded=set(saved.get("uploaded", [])) & keys,
+                )
+            )
+
+    def _obj_from_key(self, key: str) -> _Obj | None:
+        parsed = _format.parse_key(key)
+        path = self._staging.object_path(key)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        if isinstance(parsed, _format.SnapshotKey):
+            return _Obj(parsed.generation, _SNAPSHOT, parsed.txid, parsed.txid, key, path, size)
+        if isinstance(parsed, _format.SegmentKey):
+            return _Obj(parsed.generation, _SEGMENT, parsed.first_txid, parsed.last_txid, key, path, size)
+        return None
+
+    def _add_staged(self, staged: Staged) -> None:
+        obj = self._obj_from_key(staged.key)
+        assert obj is not None
+        self._staged.append(obj)
+        self._staged.sort(key=lambda o: o.order)
+
+    async def _start_position(self) -> None:
+        capture = self._capture
+        assert capture is not None
+        state = self._staging.read_state()
+        while True:
+            try:
+                reason = await anyio.to_thread.run_sync(capture.start, state)
+                break
+            except CaptureRetry:
+                await anyio.sleep(0.05)
+        if reason is None:
+            assert state is not None
+            self._generation = state["generation"]
+            self._txid = capture.txid
+            self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
+            self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
+            self._last_snapshot_size = int(state.get("last_snapshot_size", 0))
+            self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))
+            # Staged objects past the recorded position were written just
+            # before a crash; they will be captured again.
+            for obj in list(self._staged):
+                if obj.generation == self._generation and obj.first > self._txid:
+                    self._staging.remove_object(obj.key)
+                    self._staged.remove(obj)
+            log.info("%s continues generation %s at txid %d", self.database, self._generation, self._txid)
+        else:
+            if state is not None:
+                capture.txid = int(state.get("txid", 0))
+            log.info("%s starts a new generation: %s", self.database, reason)
+            await self._new_generation()
+        self._set_checked(time.monotonic_ns())
+
+    async def _new_generation(self) -> None:
+        capture = self._capture
+        assert capture is not None
+        generation = _format.new_generation_id()
+        while True:
+            try:
+                staged = await anyio.to_thread.run_sync(capture.new_generation, self._staging, generation)
+                break
+            except CaptureRetry:
+                await anyio.sleep(0.05)
+        self._generation = generation
+        self._txid = capture.txid
+        self._add_staged(staged)
+        self._since_snapshot_bytes = self._since_snapshot_count = 0
+        self._last_snapshot_size = os.stat(staged.path).st_size
+        self._last_snapshot_time = time.time()
+        await anyio.to_thread.run_sync(self._save_state)
+
+    def _save_state(self) -> None:
+        assert self._capture is not None
+        self._staging.write_state(
+            {
+                **self._capture.state(),
+                "generation": self._generation,
+                "since_snapshot_bytes": self._since_snapshot_bytes,
+                "since_snapshot_count": self._since_snapshot_count,
+                "last_snapshot_size": self._last_snapshot_size,
+                "last_snapshot_time": self._last_snapshot_time,
+            }
+        )
+
+    def _gen(self) -> str:
+        assert self._generation is not None
+        return self._generation
+
+    def _set_checked(self, at_ns: int) -> None:
+        with self._cond:
+            self._checked = (at_ns, self._generation, self._txid)
+            self._cond.notify_all()
+        self._publish_progress()
+
+    # -- capture -----------------------------------------------------------------
+
+    async def _capture_loop(self) -> None:
+        capture = self._capture
+        assert capture is not None
+        opts = self.options
+        backoff = 0.05
+        while True:
+            stopping = self._stop.is_set()
+            now = time.monotonic()
+            due = now - self._last_capture >= opts.sync_interval
+            with self._cond:
+                wanted = self._sync_requests > 0 or self._snapshot_wanted
+            try:
+                # Taken before the index is read: all committed before it is seen.
+                looked = time.monotonic_ns()
+                changed = await anyio.to_thread.run_sync(capture.changed)
+                if changed and (due or wanted or stopping):
+                    await self._capture_once()
+                elif wanted or stopping:
+                    self._set_checked(looked)
+                if self._snapshot_wanted or self._snapshot_due():
+                    await self._snapshot()
+                if (
+                    capture.position is not None
+                    and await anyio.to_thread.run_sync(capture.pending_checkpoint) >= opts.checkpoint_frames
+                ):
+                    await anyio.to_thread.run_sync(
+                        lambda: capture.checkpoint(truncate_over=opts.truncate_wal_bytes)
+                    )
+                backoff = 0.05
+            except ContinuityLost as exc:
+                log.warning("%s: continuity lost (%s); starting a new generation", self.database, exc)
+                await self._new_generation()
+                self._kick_all()
+                continue
+            except CaptureRetry:
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            except Exception as exc:  # disk full, I/O errors: keep the WAL pinned, retry
+                self._error = f"{type(exc).__name__}: {exc}"
+                log.error("capture of %s failed, retrying in %.1fs: %s", self.database, backoff, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, opts.retry_max)
+                if stopping:
+                    return
+                continue
+            if stopping:
+                return
+            if changed and not (due or wanted):
+                # Something is pending: sleep until it is due, ignoring nudges.
+                await self._sleep_until(self._last_capture + opts.sync_interval)
+            else:
+                await self._sleep(opts.poll_interval)
+
+    async def _sleep_until(self, when: float) -> None:
+        """Sleep until ``when``; only a sync, a snapshot request or stop
+        (not a plain nudge) ends it early."""
+        with anyio.move_on_after(max(0.0, when - time.monotonic())):
+            while True:
+                await self._wait_wake()
+                self._drain_wake()
+                with self._cond:
+                    if self._sync_requests or self._snapshot_wanted or self._stop.is_set():
+                        return
+                if self._last_capture == 0.0:
+                    return
+
+    async def _capture_once(self) -> None:
+        capture = self._capture
+        assert capture is not None
+        asked = time.monotonic_ns()
+        staged = await anyio.to_thread.run_sync(capture.capture, self._staging, self._gen())
+        self._last_capture = time.monotonic()
+        if staged is not None:
+            self._txid = capture.txid
+            self._add_staged(staged)
+            self._since_snapshot_bytes += os.stat(staged.path).st_size
+            self._since_snapshot_count += 1
+            await anyio.to_thread.run_sync(self._save_state)
+            self._kick_all()
+        self._set_checked(asked)
+        self._check_staging_limits()
+
+    def _snapshot_due(self) -> bool:
+        if self._since_snapshot_count == 0:
+            return False
+        if self._since_snapshot_bytes >= max(self._last_snapshot_size, 1 << 20):
+            return True
+        if self._since_snapshot_count >= 1000 and self._since_snapshot_bytes * 8 >= self._last_snapshot_size:
+            return True
+        return time.time() - self._last_snapshot_time >= self.options.snapshot_interval
+
+    async def _snapshot(self) -> None:
+        capture = self._capture
+        assert capture is not None
+        if await anyio.to_thread.run_sync(capture.changed):
+            await self._capture_once()
+        staged = await anyio.to_thread.run_sync(capture.snapshot, self._staging, self._gen())
+        self._snapshot_wanted = False
+        self._add_staged(staged)
+        self._since_snapshot_bytes = self._since_snapshot_count = 0
+        self._last_snapshot_size = os.stat(staged.path).st_size
+        self._last_snapshot_time = time.time()
+        await anyio.to_thread.run_sync(self._save_state)
+        self._kick_all()
+
+    # -- upload ------------------------------------------------------------------
+
+    def _kick(self, r: _Replica) -> None:
+        if r.work is not None:
+            r.work.set()
+
+    def _kick_all(self) -> None:
+        for r in self._replicas:
+            self._kick(r)
+
+    def _role_of(self, r: _Replica, obj: _Obj) -> str:
+        """``done``, ``upload`` (next in order for this replica) or ``useless``."""
+        if obj.key in r.uploaded:
+            return "done"
+        if obj.generation != r.generation:
+            return "upload" if obj.generation == self._generation and obj.kind == _SNAPSHOT else "useless"
+        if obj.kind == _SNAPSHOT:
+            return "upload" if obj.first >= r.txid else "useless"
+        if obj.last <= r.txid:
+            return "useless"
+        return "upload" if obj.first == r.txid + 1 else "useless"
+
+    def _next_for(self, r: _Replica) -> _Obj | str | None:
+        """The next object ``r`` should upload; ``"snapshot"`` if it needs a
+        fresh snapshot first; ``None`` when it is up to date."""
+        for obj in self._staged:
+            if self._role_of(r, obj) == "upload":
+                return obj
+        if r.generation != self._generation or r.txid < self._txid:
+            return "snapshot"
+        return None
+
+    async def _uploader(self, r: _Replica) -> None:
+        r.work = anyio.Event()
+        backoff = 0.25
+        while True:
+            try:
+                if not r.checked:
+                    await self._check_replica(r)
+                while True:
+                    nxt = self._next_for(r)
+                    if nxt is None:
+                        break
+                    if nxt == "snapshot":
+                        if not self._snapshot_wanted:
+                            self._snapshot_wanted = True
+                            self._wake()
+                        break
+                    assert isinstance(nxt, _Obj)
+                    await r.client.put_file(nxt.key, nxt.path)
+                    r.uploads += 1
+                    await self._uploaded(r, nxt)
+                if r.last_error is not None:
+                    log.info("replica %s recovered", r.url)
+                r.last_error, r.failing_since = None, None
+                backoff = 0.25
+            except Exception as exc:
+                first = r.last_error is None
+                r.last_error = str(exc) if isinstance(exc, ReplicaError) else f"{type(exc).__name__}: {exc}"
+                r.failing_since = r.failing_since or time.monotonic()
+                (log.warning if first else log.debug)(
+                    "replica %s failed (%s); retrying with backoff, commits are unaffected", r.url, exc
+                )
+                if not getattr(exc, "transient", True):
+                    r.checked = False
+                with self._cond:
+                    self._cond.notify_all()
+                await anyio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, self.options.retry_max)
+                continue
+            await r.work.wait()
+            r.work = anyio.Event()
+
+    async def _check_replica(self, r: _Replica) -> None:
+        """At start (and after a configuration error): is the store there,
+        and does it still hold the generation we think it does?"""
+        await r.client.check()
+        if r.generation is not None:
+            prefix = f"{_format.GENERATIONS}{r.generation}/snapshots/"
+            if not await r.client.list(prefix):
+                log.warning(
+                    "replica %s no longer holds generation %s; sending a fresh snapshot",
+                    r.url,
+                    r.generation,
+                )
+                r.generation, r.txid, r.uploaded = None, 0, set()
+        r.checked = True
+
+    async def _uploaded(self, r: _Replica, obj: _Obj) -> None:
+        with self._cond:
+            r.uploaded.add(obj.key)
+            if obj.kind == _SNAPSHOT:
+                if obj.generation != r.generation or obj.first > r.txid:
+                    r.generation, r.txid = obj.generation, obj.first
+            elif obj.generation == r.generation and obj.first == r.txid + 1:
+                r.txid = obj.last
+            self._cond.notify_all()
+        await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        self._collect_staged()
+        self._publish_progress()
+
+    def _collect_staged(self) -> None:
+        """Delete staged objects no replica needs any more."""
+        keep = []
+        for obj in self._staged:
+            if all(self._role_of(r, obj) in ("done", "useless") for r in self._replicas):
+                self._staging.remove_object(obj.key)
+                for r in self._replicas:
+                    r.uploaded.discard(obj.key)
+            else:
+                keep.append(obj)
+        self._staged = keep
+
+    def _check_staging_limits(self) -> None:
+        total = sum(o.size for o in self._staged)
+        opts = self.options
+        if total >= opts.staging_soft_limit and not self._soft_warned:
+            self._soft_warned = True
+            failing = [r.url for r in self._replicas if r.last_error]
+            log.warning(
+                "%d bytes staged for %s (soft limit %d); failing replicas: %s",
+                total,
+                self.database,
+                opts.staging_soft_limit,
+                ", ".join(failing) or "none",
+            )
+        elif total < opts.staging_soft_limit:
+            self._soft_warned = False
+        if total < opts.staging_hard_limit:
+            return
+        dropped = []
+        for r in self._replicas:
+            if r.last_error is not None:
+                dropped.append(r.url)
+                r.generation, r.txid, r.uploaded = None, 0, set()
+                self._staging.write_json(r.state_path, r.as_json())
+        if dropped:
+            err = StagingFullError(
+                f"staging for {self.database} reached its hard limit ({opts.staging_hard_limit} bytes):"
+                f" dropped the queue of failing replica(s) {', '.join(dropped)}; they will get a fresh"
+                " snapshot when they recover (history between is not kept in them)"
+            )
+            log.error("%s", err)
+            self._collect_staged()
+
+    def _publish_progress(self) -> None:
+        """Write ``progress.json`` for standby processes' ``sync()``."""
+        checked_at, gen, txid = self._checked
+        data = {
+            "pid": os.getpid(),
+            "checked_ns": checked_at,
+            "generation": gen,
+            "txid": txid,
+            "replicas": [
+                {"url": r.url, "generation": r.generation, "txid": r.txid, "error": r.last_error}
+                for r in self._replicas
+            ],
+        }
+        path = os.path.join(self._staging.root, "progress.json")
+        tmp = path + f".{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot publish progress: %s", exc)
+
+    def _read_progress_locked(self) -> None:
+        """Standby: adopt the replicating process's published progress."""
+        try:
+            with open(os.path.join(self._staging.root, "progress.json")) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return
+        self._checked = (int(data.get("checked_ns", 0)), data.get("generation"), int(data.get("txid", 0)))
+        by_url = {r["url"]: r for r in data.get("replicas", [])}
+        reps = []
+        for client in self._clients:
+            got = by_url.get(client.url, {})
+            reps.append(
+                _Replica(
+                    url=client.url,
+                    client=client,
+                    state_path="",
+                    generation=got.get("generation"),
+                    txid=int(got.get("txid", 0)),
+                    last_error=got.get("error"),
+                )
+            )
+        self._replicas = reps
+
+    # -- maintenance ---------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        """Apply retention now and then (never on the hot path)."""
+        if self.options.retention is None:
+            return
+        await anyio.sleep(min(60.0, self.options.retention_check_interval))
+        while True:
+            for r in self._replicas:
+                if r.last_error is None and r.generation == self._generation:
+                    try:
+                        await self._apply_retention(r)
+                    except ReplicaError as exc:
+                        log.info("retention on %s skipped: %s", r.url, exc)
+            await anyio.sleep(self.options.retention_check_interval)
+
+    async def _apply_retention(self, r: _Replica) -> None:
+        from ._restore import group_generations
+
+        assert self.options.retention is not None
+        horizon = int((time.time() - self.options.retention) * 1000)
+        gens = group_generations(await r.client.list(_format.GENERATIONS))
+        doomed: list[str] = []
+        for gen in gens:
+            if gen.id == self._generation:
+                # Keep the newest snapshot at or before the horizon and all after it.
+                old = [k for k, _ in gen.snapshots if k.timestamp_ms <= horizon]
+                if len(old) < 1:
+                    continue
+                base = max(old, key=lambda k: k.txid)
+                doomed += [k.key for k, _ in gen.snapshots if k.txid < base.txid]
+                doomed += [k.key for k, _ in gen.segments if k.last_txid <= base.txid]
+            elif gen.last_timestamp_ms < horizon and gen.id < (self._generation or ""):
+                doomed += [k.key for k, _ in gen.snapshots] + [k.key for k, _ in gen.segments]
+        for i in range(0, len(doomed), 1000):
+            await r.client.delete(doomed[i : i + 1000])
+        if doomed:
+            log.info("retention removed %d objects from %s", len(doomed), r.url)
+
+
+# -- the per-process registry -----------------------------------------------------
+
+_registry: dict[str, Replicator] = {}
+_registry_lock = threading.Lock()
+_abandoned: list[Replicator] = []
+
+
+def _key(database: str) -> str:
+    return os.path.realpath(os.path.abspath(database))
+
+
+def get_replicator(
+    database: str, replicas: Sequence[str] | None = None, options: Options | None = None
+) -> Replicator | None:
+    """The replicator of ``database`` in this process, created (not started)
+    on first use with ``replicas``. ``None`` if there is none and no replicas
+    are given. Raises :class:`ConfigError` when ``replicas`` or ``options``
+    differ from those of the existing replicator."""
+    key = _key(database)
+    with _registry_lock:
+        rep = _registry.get(key)
+        if rep is not None and rep._role in ("stopped", "failed") and replicas:
+            rep = None  # a stopped one is replaced by a fresh one
+        if rep is None:
+            if not replicas:
+                return None
+            rep = Replicator(key, replicas, options)
+            _registry[key] = rep
+            return rep
+        if replicas and tuple(replicas) != rep.urls:
+            raise ConfigError(
+                f"{database} is already replicated to {', '.join(redact_url(u) for u in rep.urls)} in this"
+                f" process; every connection must name the same replica(s)"
+            )
+        if options is not None and options != rep.options:
+            raise ConfigError(f"{database} is already replicated with other options in this process")
+        return rep
+
+
+def stop_all(*, flush: bool = True, timeout: float | None = None) -> None:
+    """Stop every replicator of this process (flushing first, by default)."""
+    with _registry_lock:
+        reps = list(_registry.values())
+        _registry.clear()
+    threads = []
+    for rep in reps:
+        t = threading.Thread(target=rep.stop, kwargs={"flush": flush, "timeout": timeout}, daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+
+
+def _after_fork_in_child() -> None:
+    with _registry_lock:
+        for rep in _registry.values():
+            rep._abandon_after_fork()
+            _abandoned.append(rep)
+        _registry.clear()
+
+
+def _at_exit() -> None:
+    stop_all(flush=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+# Run before concurrent.futures' exit hook (hooks run last-registered first):
+# the flush may need executors (DNS lookups) that the hook shuts down.
+_register: Callable[[Callable[[], None]], Any] = (
+    getattr(threading, "_register_atexit", None) or __import__("atexit").register
+)
+_register(_at_exit)

@@ -1,0 +1,488 @@
+"""Rebuilding a database from a replica.
+
+:func:`restore` picks a generation, the newest snapshot at or before the
+target, and the chain of segments after it; downloads them in parallel
+(large objects in ranged parts, so memory stays bounded); applies them in
+order to a temporary file beside the database while checking every object's
+checksums and that each segment continues exactly from the state before it
+(its pre-apply database checksum); checks the final database checksum and
+``PRAGMA quick_check``; and only then renames the file into place.
+
+Nothing is overwritten unless asked, and a failed restore leaves no partial
+database behind.
+"""
+
+from __future__ import annotations
+
+import array
+import datetime as dt
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from . import _format
+from ._errors import (
+    ConfigError,
+    CorruptObjectError,
+    DatabaseExistsError,
+    NoBackupError,
+    PointInTimeError,
+    RestoreError,
+)
+from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
+from ._replica import ObjectInfo, ReplicaClient, open_replica
+from ._wal import lock_page
+
+__all__ = [
+    "Generation",
+    "RestorePlan",
+    "RestoreResult",
+    "list_generations",
+    "plan_restore",
+    "restore",
+    "restore_async",
+]
+
+log = logging.getLogger("sqlrepl")
+
+PART_SIZE = 16 << 20
+DEFAULT_PARALLELISM = 8
+
+
+@dataclass
+class Generation:
+    """What a replica holds of one generation."""
+
+    id: str
+    snapshots: list[tuple[SnapshotKey, int]] = field(default_factory=list)  # (key, size)
+    segments: list[tuple[SegmentKey, int]] = field(default_factory=list)
+
+    @property
+    def first_timestamp_ms(self) -> int:
+        stamps = [k.timestamp_ms for k, _ in self.snapshots]
+        return min(stamps) if stamps else 0
+
+    @property
+    def last_txid(self) -> int:
+        return max([k.txid for k, _ in self.snapshots] + [k.last_txid for k, _ in self.segments], default=0)
+
+    @property
+    def last_timestamp_ms(self) -> int:
+        return max(
+            [k.timestamp_ms for k, _ in self.snapshots] + [k.timestamp_ms for k, _ in self.segments],
+            default=0,
+        )
+
+
+def group_generations(objects: Sequence[ObjectInfo]) -> list[Generation]:
+    """Generations (oldest first) from a listing of ``generations/``."""
+    gens: dict[str, Generation] = {}
+    for obj in objects:
+        parsed = _format.parse_key(obj.key)
+        if parsed is None:
+            continue
+        gen = gens.setdefault(parsed.generation, Generation(parsed.generation))
+        if isinstance(parsed, SnapshotKey):
+            gen.snapshots.append((parsed, obj.size))
+        else:
+            gen.segments.append((parsed, obj.size))
+    for gen in gens.values():
+        gen.snapshots.sort()
+        gen.segments.sort()
+    return [gens[g] for g in sorted(gens)]
+
+
+async def list_generations(client: ReplicaClient) -> list[Generation]:
+    """Every generation in the replica, oldest first (one paginated LIST)."""
+    return group_generations(await client.list(_format.GENERATIONS))
+
+
+@dataclass
+class RestorePlan:
+    """The objects to apply, in order, and the state they lead to."""
+
+    generation: str
+    snapshot: tuple[SnapshotKey, int]
+    segments: list[tuple[SegmentKey, int]]
+    txid: int
+    timestamp_ms: int
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        return [(self.snapshot[0].key, self.snapshot[1])] + [(k.key, size) for k, size in self.segments]
+
+
+def _as_ms(timestamp: dt.datetime | float | int | str) -> int:
+    if isinstance(timestamp, str):
+        try:
+            timestamp = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ConfigError(f"timestamp {timestamp!r} is not ISO 8601 (like 2026-11-25T20:54:00Z)") from exc
+    if isinstance(timestamp, dt.datetime):
+        if timestamp.tzinfo is None:
+            timestamp = timestamp.astimezone()  # naive means local time
+        return int(timestamp.timestamp() * 1000)
+    return int(float(timestamp) * 1000)
+
+
+def plan_restore(
+    generations: Sequence[Generation],
+    *,
+    generation: str | None = None,
+    txid: int | None = None,
+    timestamp: dt.datetime | float | int | str | None = None,
+    replica: str = "",
+) -> RestorePlan:
+    """Choose what to restore. Raises :class:`NoBackupError` for an empty
+    replica and :class:`PointInTimeError` when nothing matches the target.
+
+    The state restored is the newest one at or before the target that the
+    replica can prove: a point in time is restored to a segment boundary
+    (one sync interval), never past the target.
+    """
+    if txid is not None and timestamp is not None:
+        raise ConfigError("give txid or timestamp, not both")
+    usable = [g for g in generations if g.snapshots]
+    if not usable:
+        raise NoBackupError(f"replica {replica} holds no snapshot to restore from (is the URL right?)")
+    ts_ms = _as_ms(timestamp) if timestamp is not None else None
+    if generation is not None:
+        candidates = [g for g in usable if g.id == generation]
+        if not candidates:
+            raise PointInTimeError(f"replica {replica} has no generation {generation}")
+    elif txid is not None:
+        candidates = [g for g in usable if min(k.txid for k, _ in g.snapshots) <= txid]
+    elif ts_ms is not None:
+        candidates = [g for g in usable if g.first_timestamp_ms <= ts_ms]
+    else:
+        candidates = usable
+    if not candidates:
+        target = f"txid {txid}" if txid is not None else f"time {timestamp}"
+        raise PointInTimeError(f"replica {replica} has nothing at or before {target}")
+    gen = candidates[-1]
+
+    snaps = [
+        (k, s)
+        for k, s in gen.snapshots
+        if (txid is None or k.txid <= txid) and (ts_ms is None or k.timestamp_ms <= ts_ms)
+    ]
+    if not snaps:
+        raise PointInTimeError(f"generation {gen.id} has no snapshot at or before the target")
+    limit = txid if txid is not None else gen.last_txid
+    # Prefer the newest snapshot whose chain of segments is complete.
+    by_first: dict[int, list[tuple[SegmentKey, int]]] = {}
+    for k, s in gen.segments:
+        by_first.setdefault(k.first_txid, []).append((k, s))
+    best: RestorePlan | None = None
+    for snap in reversed(snaps):
+        chain: list[tuple[SegmentKey, int]] = []
+        at, at_ts = snap[0].txid, snap[0].timestamp_ms
+        while True:
+            options = [
+                (k, s)
+                for k, s in by_first.get(at + 1, [])
+                if k.last_txid <= limit and (ts_ms is None or k.timestamp_ms <= ts_ms)
+            ]
+            if not options:
+                break
+            k, s = max(options, key=lambda o: o[0].last_txid)
+            chain.append((k, s))
+            at, at_ts = k.last_txid, k.timestamp_ms
+        plan = RestorePlan(gen.id, snap, chain, at, at_ts)
+        if best is None or plan.txid > best.txid:
+            best = plan
+        if txid is None and ts_ms is None and plan.txid >= gen.last_txid:
+            break
+    assert best is not None
+    if txid is None and ts_ms is None and best.txid < gen.last_txid:
+        raise RestoreError(
+            f"replica {replica}, generation {gen.id}: segments are missing after txid {best.txid}"
+            f" (the newest is {gen.last_txid}); restore with txid={best.txid} to get the state before the gap"
+        )
+    return best
+
+
+@dataclass
+class RestoreResult:
+    """What :func:`restore` produced."""
+
+    path: str
+    generation: str
+    txid: int
+    timestamp_ms: int
+    objects: int
+    bytes: int
+    seconds: float
+
+
+class _Applier:
+    """Applies snapshot and segments to a file, tracking the database checksum."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.page_size = 0
+        self.size = 0
+        self.checksum = 0
+        self.hashes = array.array("Q")
+
+    def apply(self, path: str, key: str) -> _format.ObjectHeader:
+        with open(path, "rb") as f:
+            header = read_header(f.read(HEADER_SIZE), key=key)
+            size = os.fstat(f.fileno()).st_size
+            if size != HEADER_SIZE + header.body_length:
+                expected = HEADER_SIZE + header.body_length
+                raise CorruptObjectError(
+                    f"object truncated or padded: {size} bytes, expected {expected} ({key})", key=key
+                )
+            is_snapshot = header.kind == _format.KIND_SNAPSHOT
+            if is_snapshot:
+                self.page_size = header.page_size
+                self.hashes = array.array("Q", bytes(8 * header.db_size))
+                self.checksum = 0
+                os.ftruncate(self.fd, 0)
+            else:
+                if header.page_size != self.page_size:
+                    raise CorruptObjectError(
+                        f"segment page size {header.page_size} != {self.page_size} ({key})", key=key
+                    )
+                if header.pre_checksum != self.checksum:
+                    raise CorruptObjectError(
+                        f"segment does not continue the restored state (pre-checksum mismatch) ({key})",
+                        key=key,
+                    )
+                if header.truncate_size < len(self.hashes):
+                    for h in self.hashes[header.truncate_size :]:
+                        self.checksum ^= h
+                    del self.hashes[header.truncate_size :]
+                    os.ftruncate(self.fd, header.truncate_size * header.page_size)
+            if header.db_size > len(self.hashes):
+                self.hashes.extend(array.array("Q", bytes(8 * (header.db_size - len(self.hashes)))))
+            ps = header.page_size
+            skip = lock_page(ps)
+            for pgno, page in _format.iter_pages(header, f, key=key):
+                if pgno < 1 or pgno > header.db_size or pgno == skip:
+                    raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
+                os.pwrite(self.fd, page, (pgno - 1) * ps)
+                h = page_hash(pgno, page)
+                self.checksum ^= self.hashes[pgno - 1] ^ h
+                self.hashes[pgno - 1] = h
+            if header.db_size < len(self.hashes):
+                for h in self.hashes[header.db_size :]:
+                    self.checksum ^= h
+                del self.hashes[header.db_size :]
+            os.ftruncate(self.fd, header.db_size * ps)
+            self.size = header.db_size
+            if self.checksum != header.post_checksum:
+                raise CorruptObjectError(
+                    f"restored state does not match the object's database checksum ({key})", key=key
+                )
+            return header
+
+
+async def _download(
+    client: ReplicaClient, key: str, size: int, path: str, limiter: anyio.CapacityLimiter
+) -> int:
+    """Fetch one object into ``path``: one GET, or ranged parts in parallel."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if size <= PART_SIZE:
+            async with limiter:
+                data = await client.get(key)
+            os.pwrite(fd, data, 0)
+            return len(data)
+
+        async def part(start: int) -> None:
+            async with limiter:
+                data = await client.get_range(key, start, min(PART_SIZE, size - start))
+            await anyio.to_thread.run_sync(os.pwrite, fd, data, start)
+
+        async with anyio.create_task_group() as tg:
+            for start in range(0, size, PART_SIZE):
+                tg.start_soon(part, start)
+        return size
+    finally:
+        os.close(fd)
+
+
+def _move_aside(path: str) -> str | None:
+    """Rename a stale file out of the way (never delete what may be data)."""
+    if not os.path.exists(path):
+        return None
+    aside = f"{path}.stale-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+    os.replace(path, aside)
+    return aside
+
+
+async def restore_async(
+    database: str | os.PathLike[str],
+    replica: str | ReplicaClient,
+    *,
+    if_db_not_exists: bool = True,
+    if_replica_exists: bool = True,
+    overwrite: bool = False,
+    timestamp: dt.datetime | float | int | str | None = None,
+    txid: int | None = None,
+    generation: str | None = None,
+    parallelism: int = DEFAULT_PARALLELISM,
+) -> RestoreResult | None:
+    """The async form of :func:`restore` (same arguments and result)."""
+    path = os.path.abspath(os.fspath(database))  # noqa: ASYNC240 - string work and getcwd() only
+    if await anyio.Path(path).exists() and not overwrite:
+        if if_db_not_exists:
+            log.info("restore skipped: %s exists", path)
+            return None
+        raise DatabaseExistsError(
+            f"{path} exists; restore never overwrites a database unless asked (overwrite=True,"
+            " or --overwrite on the command line)"
+        )
+    client = open_replica(replica) if isinstance(replica, str) else replica
+    started = time.monotonic()
+    try:
+        generations = await list_generations(client)
+        if not any(g.snapshots for g in generations) and if_replica_exists:
+            log.info("restore skipped: replica %s is empty", client.url)
+            return None
+        plan = plan_restore(
+            generations, generation=generation, txid=txid, timestamp=timestamp, replica=client.url
+        )
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=".sqlrepl-restore-", dir=folder)
+        try:
+            result = await _restore_plan(client, plan, path, work, parallelism)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if isinstance(replica, str):
+            await client.aclose()
+    result.seconds = time.monotonic() - started
+    log.info(
+        "restored %s from %s: generation %s, txid %d, %d objects, %d bytes, %.2fs",
+        path,
+        client.url,
+        result.generation,
+        result.txid,
+        result.objects,
+        result.bytes,
+        result.seconds,
+    )
+    return result
+
+
+async def _restore_plan(
+    client: ReplicaClient, plan: RestorePlan, path: str, work: str, parallelism: int
+) -> RestoreResult:
+    keys = plan.keys
+    limiter = anyio.CapacityLimiter(max(1, parallelism))
+    files = [os.path.join(work, f"{i:06d}.obj") for i in range(len(keys))]
+    done = [anyio.Event() for _ in keys]
+    total = 0
+    tmp_db = os.path.join(work, "restored.db")
+    fd = os.open(tmp_db, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    applier = _Applier(fd)
+    try:
+        # Download ahead (bounded) while applying in order.
+        window = anyio.Semaphore(max(2, parallelism * 2))
+
+        async def fetch(i: int) -> None:
+            nonlocal total
+            async with window:
+                total += await _download(client, keys[i][0], keys[i][1], files[i], limiter)
+                done[i].set()
+                await applied[i].wait()
+
+        applied = [anyio.Event() for _ in keys]
+        async with anyio.create_task_group() as tg:
+            for i in range(len(keys)):
+                tg.start_soon(fetch, i)
+            for i, (key, _size) in enumerate(keys):
+                await done[i].wait()
+                await anyio.to_thread.run_sync(applier.apply, files[i], key)
+                os.unlink(files[i])
+                applied[i].set()
+        await anyio.to_thread.run_sync(os.fsync, fd)
+    finally:
+        os.close(fd)
+    await anyio.to_thread.run_sync(_check_database, tmp_db)
+    # Stale WAL or shared-memory files beside the target would be replayed
+    # onto the restored database by SQLite: move them aside, keep them.
+    for suffix in ("-wal", "-shm", "-journal"):
+        aside = _move_aside(path + suffix)
+        if aside:
+            log.warning("moved stale %s aside to %s", path + suffix, aside)
+    os.replace(tmp_db, path)
+    _format.fsync_dir(os.path.dirname(path))
+    return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
+
+
+def _check_database(path: str) -> None:
+    uri = "file:" + path + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            # The image is in WAL mode; with no -wal file beside it, a
+            # read-only open sees exactly the file's pages.
+            result = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise RestoreError(f"restored database fails to open: {exc}") from exc
+    finally:
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+    if result != [("ok",)]:
+        raise RestoreError(f"restored database fails PRAGMA quick_check: {result[:5]}")
+
+
+def restore(
+    database: str | os.PathLike[str],
+    replica: str,
+    *,
+    if_db_not_exists: bool = True,
+    if_replica_exists: bool = True,
+    overwrite: bool = False,
+    timestamp: dt.datetime | float | int | str | None = None,
+    txid: int | None = None,
+    generation: str | None = None,
+    parallelism: int = DEFAULT_PARALLELISM,
+) -> RestoreResult | None:
+    """Rebuild ``database`` from ``replica``; call at startup, before any
+    connection to the database opens.
+
+    - ``if_db_not_exists`` (default): do nothing if the database exists.
+      With ``False``, an existing database raises
+      :class:`DatabaseExistsError` unless ``overwrite=True``.
+    - ``if_replica_exists`` (default): do nothing if the replica is empty
+      (first start of a new app). With ``False``, raise :class:`NoBackupError`.
+    - ``txid`` / ``timestamp`` (a ``datetime``, Unix seconds, or ISO 8601
+      string): restore the newest state at or before it; ``generation``: from
+      that generation. Without them: the newest state.
+
+    Returns a :class:`RestoreResult`, or ``None`` when nothing was done.
+    Stale ``-wal``/``-shm`` files next to the target are moved aside, not
+    deleted. Runs its own event loop: from async code use
+    :func:`restore_async`.
+    """
+    return anyio.run(
+        lambda: restore_async(
+            database,
+            replica,
+            if_db_not_exists=if_db_not_exists,
+            if_replica_exists=if_replica_exists,
+            overwrite=overwrite,
+            timestamp=timestamp,
+            txid=txid,
+            generation=generation,
+            parallelism=parallelism,
+        ),
+        backend="asyncio",
+    )
