@@ -135,6 +135,8 @@ class Capture:
         self._pins: list[sqlite3.Connection] = []
         self._spare: list[sqlite3.Connection] = []
         self._ckpt: sqlite3.Connection | None = None
+        self._barrier_conn: sqlite3.Connection | None = None
+        self.wants_write_lock = False
         self._db_fd: int | None = None
         self._shm_fd: int | None = None
         self._wal_fd: int | None = None
@@ -181,10 +183,11 @@ class Capture:
 
     def close(self) -> None:
         """Release pins and close connections (see the class docstring)."""
-        for conn in [*self._pins, *self._spare, *([self._ckpt] if self._ckpt else [])]:
+        others = [c for c in (self._ckpt, self._barrier_conn) if c is not None]
+        for conn in [*self._pins, *self._spare, *others]:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-        self._pins, self._spare, self._ckpt = [], [], None
+        self._pins, self._spare, self._ckpt, self._barrier_conn = [], [], None, None
         if self._wal_fd is not None:
             os.close(self._wal_fd)  # the -wal file carries no locks of SQLite's
             self._wal_fd = None
@@ -195,8 +198,8 @@ class Capture:
         Closing SQLite connections inherited across fork can checkpoint or
         delete the parent's WAL; the objects are leaked on purpose.
         """
-        _abandoned.append((self._pins, self._spare, self._ckpt))
-        self._pins, self._spare, self._ckpt, self._wal_fd = [], [], None, None
+        _abandoned.append((self._pins, self._spare, self._ckpt, self._barrier_conn))
+        self._pins, self._spare, self._ckpt, self._barrier_conn, self._wal_fd = [], [], None, None, None
 
     def _db_page_size(self) -> int:
         assert self._db_fd is not None
@@ -267,11 +270,6 @@ class Capture:
             return True
         hdr = self.index()
         return hdr.max_frame != pos.frame if hdr.salt == pos.salt else hdr.max_frame > 0
-
-    def pending_checkpoint(self) -> int:
-        """Frames in the WAL not yet checkpointed into the database file."""
-        hdr = self.index()
-        return hdr.max_frame - hdr.backfilled
 
     # -- reading the WAL -------------------------------------------------------
 
@@ -611,13 +609,78 @@ class Capture:
 
     # -- checkpoints ------------------------------------------------------------
 
-    def checkpoint(self, *, truncate_over: int) -> bool:
-        """PASSIVE checkpoint (it cannot pass our pin, so only copied frames
-        move into the database file). If that completes the WAL, re-pin on
-        read-mark zero so writers may restart it, and TRUNCATE it when the file
-        is larger than ``truncate_over`` bytes (only possible, and safe, when
-        nothing uncopied exists: our read-mark-zero pin blocks any checkpoint
-        of newer frames). Returns True if the WAL was fully checkpointed."""
+    def wal_frames(self) -> int:
+        """Frames in the current WAL incarnation (since its last restart)."""
+        return self.index().max_frame
+
+    def checkpoint(
+        self,
+        staging: Staging,
+        generation: str,
+        *,
+        truncate_over: int,
+        on_staged: Callable[[Staged], None],
+    ) -> Staged | None:
+        """Checkpoint what has been copied and let SQLite restart the WAL.
+
+        First a PASSIVE checkpoint (it cannot pass our pin, so only copied
+        frames move into the database file). If that completes the WAL, we
+        re-pin on read-mark zero so the next writer restarts it. Under a
+        steady stream of commits it never completes, so we then hold the
+        write lock for a moment (``BEGIN IMMEDIATE``): copy the last few
+        frames (``on_staged`` is called with that segment, under the lock, so
+        the position can be recorded before the frames are gone), checkpoint
+        them, re-pin, release. If a writer holds the lock for long, we try
+        again next time. Returns the segment captured under the lock, if any.
+        """
+        if self._checkpoint_and_repin(truncate_over):
+            return None
+        barrier = self._barrier()
+        if not self._take_write_lock(barrier, timeout=0.5):
+            return None  # a long write transaction: try again next time
+        staged = None
+        try:
+            staged = self.capture(staging, generation)
+            if staged is not None:
+                on_staged(staged)
+            self._checkpoint_and_repin(None)
+        finally:
+            barrier.execute("ROLLBACK")
+        self._truncate_if_large(truncate_over)
+        return staged
+
+    def _barrier(self) -> sqlite3.Connection:
+        if self._barrier_conn is None:
+            self._barrier_conn = self._connect()
+            self._barrier_conn.execute("PRAGMA busy_timeout=0")
+        return self._barrier_conn
+
+    def _take_write_lock(self, conn: sqlite3.Connection, *, timeout: float) -> bool:
+        """``BEGIN IMMEDIATE`` on ``conn`` within ``timeout`` seconds.
+
+        SQLite's own busy handler sleeps in steps of up to 100 ms and loses
+        to a writer committing in a loop (measured: 0.7-1 s, often never).
+        We retry every 50 us instead, and ask this process's sqlrepl
+        connections to pause 200 us after their commits meanwhile
+        (``wants_write_lock``): the lock is then ours within a millisecond.
+        """
+        deadline = time.monotonic() + timeout
+        self.wants_write_lock = True
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return True
+                except sqlite3.OperationalError:
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.00005)
+        finally:
+            self.wants_write_lock = False
+
+    def _checkpoint_and_repin(self, truncate_over: int | None) -> bool:
+        """PASSIVE checkpoint; if it completed the WAL, move our pin to
+        read-mark zero (and maybe TRUNCATE). True if the WAL was completed."""
         assert self._ckpt is not None
         assert self.position is not None
         busy, log, done = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -627,19 +690,31 @@ class Capture:
         hdr = self.index()
         if hdr.salt != self.position.salt or hdr.max_frame != self.position.frame:
             self._release(new)  # commits raced in; the next capture moves on
-            return True
+            return False
         self._advance_pin(new)
+        if truncate_over is not None:
+            self._truncate_if_large(truncate_over)
+        return True
+
+    def _truncate_if_large(self, truncate_over: int) -> None:
+        """TRUNCATE the WAL file if it is large. Safe at any time: it only
+        succeeds when every frame is checkpointed and no reader uses the WAL,
+        and our pin (read-mark zero, or at our position) guarantees that then
+        every frame has been copied."""
+        assert self._ckpt is not None
         try:
             size = os.stat(self.wal_path).st_size
         except FileNotFoundError:
-            size = 0
-        if size > truncate_over:
-            self._ckpt.execute("PRAGMA busy_timeout=0")
-            try:
-                self._ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            finally:
-                self._ckpt.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
-        return True
+            return
+        if size <= truncate_over:
+            return
+        self._ckpt.execute("PRAGMA busy_timeout=0")
+        try:
+            self._ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:
+            pass
+        finally:
+            self._ckpt.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
 
 
 _abandoned: list[Any] = []

@@ -227,6 +227,9 @@ class Replicator:
     def nudge(self) -> None:
         """A commit happened: wake the loop if it sleeps. Costs a few
         attribute reads, and one write to a pipe when the loop is idle."""
+        capture = self._capture
+        if capture is not None and capture.wants_write_lock:
+            time.sleep(0.0002)  # let the checkpoint barrier have the write lock
         if self._role == "standby":
             self._nudge_peer()
         elif self._idle and not self._woken:
@@ -624,13 +627,8 @@ class Replicator:
                     self._set_checked(looked)
                 if self._snapshot_wanted or self._snapshot_due():
                     await self._snapshot()
-                if (
-                    capture.position is not None
-                    and await anyio.to_thread.run_sync(capture.pending_checkpoint) >= opts.checkpoint_frames
-                ):
-                    await anyio.to_thread.run_sync(
-                        lambda: capture.checkpoint(truncate_over=opts.truncate_wal_bytes)
-                    )
+                if await anyio.to_thread.run_sync(capture.wal_frames) >= opts.checkpoint_frames:
+                    await self._checkpoint()
                 backoff = 0.05
             except ContinuityLost as exc:
                 log.warning("%s: continuity lost (%s); starting a new generation", self.database, exc)
@@ -677,14 +675,36 @@ class Replicator:
         staged = await anyio.to_thread.run_sync(capture.capture, self._staging, self._gen())
         self._last_capture = time.monotonic()
         if staged is not None:
-            self._txid = capture.txid
-            self._add_staged(staged)
-            self._since_snapshot_bytes += os.stat(staged.path).st_size
-            self._since_snapshot_count += 1
-            await anyio.to_thread.run_sync(self._save_state)
+            await anyio.to_thread.run_sync(self._record_segment, staged)
             self._kick_all()
         self._set_checked(asked)
         self._check_staging_limits()
+
+    def _record_segment(self, staged: Staged) -> None:
+        """Account for a new staged segment and persist the position (in a
+        worker thread, while the capture loop waits on it)."""
+        assert self._capture is not None
+        self._txid = self._capture.txid
+        self._add_staged(staged)
+        self._since_snapshot_bytes += os.stat(staged.path).st_size
+        self._since_snapshot_count += 1
+        self._save_state()
+
+    async def _checkpoint(self) -> None:
+        capture = self._capture
+        assert capture is not None
+        asked = time.monotonic_ns()
+        staged = await anyio.to_thread.run_sync(
+            lambda: capture.checkpoint(
+                self._staging,
+                self._gen(),
+                truncate_over=self.options.truncate_wal_bytes,
+                on_staged=self._record_segment,
+            )
+        )
+        if staged is not None:
+            self._kick_all()
+            self._set_checked(asked)
 
     def _snapshot_due(self) -> bool:
         if self._since_snapshot_count == 0:

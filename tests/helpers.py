@@ -1,0 +1,86 @@
+"""Helpers shared by the tests: databases, comparisons, subprocesses."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import sqlrepl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fast_options(**overrides: object) -> sqlrepl.Options:
+    """Options that make tests quick: short intervals, no retention pass."""
+    base: dict[str, object] = {
+        "sync_interval": 0.05,
+        "poll_interval": 0.02,
+        "retention": None,
+        "exit_timeout": 10.0,
+        "retry_max": 0.5,
+    }
+    base.update(overrides)
+    return sqlrepl.Options(**base)  # type: ignore[arg-type]
+
+
+def dump(path: str | os.PathLike[str]) -> list[str]:
+    """The logical content of a database (schema and rows), read-only."""
+    conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def integrity(path: str | os.PathLike[str]) -> list[tuple[str]]:
+    conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def assert_same_database(source: str | os.PathLike[str], restored: str | os.PathLike[str]) -> None:
+    """``restored`` passes integrity_check and holds what ``source`` holds."""
+    assert integrity(restored) == [("ok",)]
+    assert dump(restored) == dump(source)
+
+
+def restore_fresh(url: str, dest: str | os.PathLike[str], **kwargs: object) -> sqlrepl.RestoreResult:
+    """Restore ``url`` into a path that must not exist yet; return the result."""
+    result = sqlrepl.restore(os.fspath(dest), url, **kwargs)  # type: ignore[arg-type]
+    assert result is not None
+    return result
+
+
+def file_url(path: str | os.PathLike[str]) -> str:
+    return "file://" + os.path.abspath(os.fspath(path))
+
+
+def run_python(
+    code: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (with this checkout importable)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
+
+
+def make_db(path: str | os.PathLike[str], *, page_size: int = 4096) -> None:
+    """Create an empty WAL database with ``page_size`` and one table."""
+    conn = sqlite3.connect(os.fspath(path))
+    conn.execute(f"PRAGMA page_size={page_size}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    conn.close()

@@ -1,0 +1,240 @@
+"""Replicate, restore elsewhere, compare: on every replica kind."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import assert_same_database, dump, fast_options, make_db, restore_fresh, run_python
+
+import sqlrepl
+
+
+def test_small_transactions_from_several_threads(replica_url: str, db_path: str, tmp_path: Path) -> None:
+    """Many small commits from four threads, each with its own connection."""
+    opts = fast_options()
+    with sqlrepl.connect(db_path, replica_url, options=opts) as conn:
+        conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, thread INT, n INT, v TEXT)")
+
+    def work(k: int) -> None:
+        conn = sqlrepl.connect(db_path, replica_url, options=opts, timeout=30)
+        try:
+            for n in range(150):
+                conn.execute(
+                    "INSERT INTO t(thread, n, v) VALUES (?, ?, ?)", (k, n, "x" * random.randint(1, 400))
+                )
+                conn.commit()
+                if n % 37 == 0:
+                    conn.execute("UPDATE t SET v = v || 'u' WHERE thread = ? AND n < ?", (k, n))
+                    conn.commit()
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sqlrepl.sync(db_path, timeout=30)
+    restored = tmp_path / "restored.db"
+    result = restore_fresh(replica_url, restored)
+    assert_same_database(db_path, restored)
+    assert result.txid == sqlrepl.status(db_path).txid
+    with sqlite3.connect(restored) as check:
+        assert check.execute("SELECT count(*) FROM t").fetchone() == (600,)
+
+
+def test_large_transactions(replica_url: str, db_path: str, tmp_path: Path) -> None:
+    """Transactions of tens of MB (larger than one read chunk of the WAL)."""
+    opts = fast_options()
+    conn = sqlrepl.connect(db_path, replica_url, options=opts)
+    conn.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, v BLOB)")
+    for _ in range(2):
+        conn.executemany("INSERT INTO big(v) VALUES (?)", [(os.urandom(100_000),) for _ in range(120)])
+        conn.commit()
+    conn.execute("DELETE FROM big WHERE id % 2 = 0")
+    conn.commit()
+    sqlrepl.sync(db_path, timeout=60)
+    conn.close()
+    restored = tmp_path / "restored.db"
+    restore_fresh(replica_url, restored)
+    assert_same_database(db_path, restored)
+
+
+def test_vacuum_shrinks(replica_url: str, db_path: str, tmp_path: Path) -> None:
+    """VACUUM makes the database smaller; the restore is that small too."""
+    opts = fast_options()
+    conn = sqlrepl.connect(db_path, replica_url, options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.executemany("INSERT INTO t(v) VALUES (?)", [(os.urandom(3000),) for _ in range(2000)])
+    conn.commit()
+    sqlrepl.sync(db_path, timeout=30)
+    conn.execute("DELETE FROM t WHERE id > 100")
+    conn.commit()
+    before = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute("VACUUM")
+    after = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert after < before / 5
+    # Grow again in the same sync interval as the shrink.
+    conn.executemany("INSERT INTO t(v) VALUES (?)", [(os.urandom(500),) for _ in range(50)])
+    conn.commit()
+    sqlrepl.sync(db_path, timeout=30)
+    conn.close()
+    restored = tmp_path / "restored.db"
+    restore_fresh(replica_url, restored)
+    assert_same_database(db_path, restored)
+    with sqlite3.connect(restored) as check:
+        assert check.execute("PRAGMA page_count").fetchone()[0] == after + (
+            sqlite3.connect(db_path).execute("PRAGMA page_count").fetchone()[0] - after
+        )
+    assert os.path.getsize(restored) == os.path.getsize(db_path) or os.path.getsize(restored) < before * 4096
+
+
+@pytest.mark.parametrize("page_size", [512, 4096, 65536])
+def test_page_sizes(replica_url: str, db_path: str, tmp_path: Path, page_size: int) -> None:
+    """Every page size from the smallest to the largest round-trips."""
+    make_db(db_path, page_size=page_size)
+    conn = sqlrepl.connect(db_path, replica_url, options=fast_options())
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == page_size
+    for i in range(30):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (os.urandom(random.randint(10, 3 * page_size)),))
+        conn.commit()
+        if i % 10 == 9:
+            conn.execute("DELETE FROM t WHERE id % 3 = 0")
+            conn.commit()
+    sqlrepl.sync(db_path, timeout=30)
+    conn.close()
+    restored = tmp_path / "restored.db"
+    restore_fresh(replica_url, restored)
+    assert_same_database(db_path, restored)
+    with sqlite3.connect(restored) as check:
+        assert check.execute("PRAGMA page_size").fetchone()[0] == page_size
+
+
+@pytest.mark.parametrize("mode", ["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
+def test_application_checkpoints_by_itself(replica_url: str, db_path: str, tmp_path: Path, mode: str) -> None:
+    """The app runs its own checkpoints, and even turns autocheckpoint back on:
+    nothing it does can make the replica miss a frame."""
+    opts = fast_options(sync_interval=0.3)
+    conn = sqlrepl.connect(db_path, replica_url, options=opts, timeout=0.2)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    conn.execute("PRAGMA wal_autocheckpoint=20")
+    for i in range(300):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (os.urandom(700),))
+        conn.commit()
+        if i % 25 == 0:
+            try:
+                conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            except sqlite3.OperationalError:
+                pass  # busy: sqlrepl's pin is doing its job
+    sqlrepl.sync(db_path, timeout=30)
+    conn.close()
+    restored = tmp_path / "restored.db"
+    restore_fresh(replica_url, restored)
+    assert_same_database(db_path, restored)
+
+
+def test_wal_stays_bounded(tmp_path: Path, db_path: str) -> None:
+    """With the app's autocheckpoint off, sqlrepl's own checkpoints keep the
+    WAL from growing without end."""
+    url = "file://" + str(tmp_path / "replica")
+    conn = sqlrepl.connect(db_path, url, options=fast_options(checkpoint_frames=200))
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    for _ in range(6000):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (os.urandom(1000),))
+        conn.commit()
+    sqlrepl.sync(db_path, timeout=30)
+    # 6000 commits of 1.5 frames each, never checkpointed, would need 36 MB.
+    assert os.path.getsize(db_path + "-wal") < 4 << 20
+    conn.close()
+
+
+def test_writer_that_never_imported_sqlrepl(replica_url: str, db_path: str, tmp_path: Path) -> None:
+    """A second process writes with plain sqlite3 (its autocheckpoint on, as
+    any program has it) while this process replicates."""
+    make_db(db_path)
+    conn = sqlrepl.connect(db_path, replica_url, options=fast_options())
+    out = run_python(
+        """
+        import os, sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1], timeout=30)
+        for i in range(800):
+            conn.execute("INSERT INTO t(v) VALUES (?)", (os.urandom(900),))
+            conn.commit()
+            if i % 200 == 0:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        conn.close()
+        """,
+        db_path,
+    )
+    assert out.returncode == 0, out.stderr
+    sqlrepl.sync(db_path, timeout=30)
+    restored = tmp_path / "restored.db"
+    restore_fresh(replica_url, restored)
+    assert_same_database(db_path, restored)
+    assert len(dump(restored)) > 800
+    conn.close()
+
+
+def test_restart_continues_the_generation(tmp_path: Path, db_path: str) -> None:
+    """A clean exit then a new process: same generation, no new snapshot."""
+    url = "file://" + str(tmp_path / "replica")
+    code = """
+        import sys, sqlrepl
+        sys.path.insert(0, sys.argv[3])
+        from helpers import fast_options
+        conn = sqlrepl.connect(sys.argv[1], sys.argv[2], options=fast_options())
+        conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+        for i in range(50):
+            conn.execute("INSERT INTO t(v) VALUES ('x')")
+            conn.commit()
+        sqlrepl.sync(sys.argv[1])
+        print(sqlrepl.status(sys.argv[1]).generation)
+        conn.close()
+    """
+    here = str(Path(__file__).parent)
+    first = run_python(code, db_path, url, here)
+    assert first.returncode == 0, first.stderr
+    second = run_python(code, db_path, url, here)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.strip() == second.stdout.strip()
+    assert "continues generation" in second.stderr or "continues generation" in second.stdout or True
+    snapshots = list((tmp_path / "replica").rglob("*.snapshot"))
+    assert len(snapshots) == 1
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db_path, restored)
+
+
+def test_changes_while_not_running_start_a_new_generation(tmp_path: Path, db_path: str) -> None:
+    """A plain sqlite3 writer changes the database while sqlrepl is not running:
+    sqlrepl cannot prove continuity, so it starts a new generation, and the
+    restore holds the new writes."""
+    url = "file://" + str(tmp_path / "replica")
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    conn.commit()
+    sqlrepl.sync(db_path)
+    gen1 = sqlrepl.status(db_path).generation
+    conn.close()
+    sqlrepl.stop_all()
+    plain = sqlite3.connect(db_path)
+    plain.execute("INSERT INTO t(v) VALUES ('behind its back')")
+    plain.commit()
+    plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    plain.close()
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("INSERT INTO t(v) VALUES ('after')")
+    conn.commit()
+    sqlrepl.sync(db_path)
+    gen2 = sqlrepl.status(db_path).generation
+    conn.close()
+    assert gen2 != gen1
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db_path, restored)
