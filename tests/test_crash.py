@@ -1,0 +1,161 @@
+"""Writers killed with SIGKILL at random moments lose nothing acknowledged.
+
+A writer process appends rows with consecutive sequence numbers (one or
+several per transaction, sometimes large, with churn on another table and an
+occasional VACUUM), calls ``sqlrepl.sync()`` now and then and prints what it
+acknowledged. It is killed at a random moment, restarted on the same
+database, killed again, many times. After every kill, a restore into a fresh
+file must pass ``integrity_check`` and hold exactly the rows 1..k for some k:
+at least everything acknowledged, at most what the local database holds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, integrity
+
+import sqlrepl
+
+WRITER = r"""
+import os, random, sys, sqlrepl
+sys.path.insert(0, sys.argv[4])
+from helpers import fast_options
+db, url, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rnd = random.Random(seed)
+conn = sqlrepl.connect(db, url, options=fast_options(checkpoint_frames=300), timeout=30)
+conn.execute("CREATE TABLE IF NOT EXISTS log(seq INTEGER PRIMARY KEY, pad BLOB)")
+conn.execute("CREATE TABLE IF NOT EXISTS churn(k INTEGER PRIMARY KEY, v BLOB)")
+conn.commit()
+seq = conn.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0]
+print("start", seq, flush=True)
+while True:
+    rows = rnd.choice([1, 1, 1, 3, 20, 200])
+    big = rnd.random() < 0.03
+    for _ in range(rows):
+        seq += 1
+        conn.execute("INSERT INTO log VALUES (?, ?)", (seq, os.urandom(rnd.randint(10, 30000 if big else 300))))
+    conn.execute("INSERT OR REPLACE INTO churn VALUES (?, ?)", (rnd.randint(1, 500), os.urandom(rnd.randint(10, 2000))))
+    if rnd.random() < 0.05:
+        conn.execute("DELETE FROM churn WHERE k % 5 = ?", (rnd.randint(0, 4),))
+    conn.commit()
+    r = rnd.random()
+    if r < 0.04:
+        sqlrepl.sync(db, timeout=60)
+        print("acked", seq, flush=True)
+    elif r < 0.045:
+        conn.execute("VACUUM")
+"""
+
+
+def _run_writer(db: str, url: str, seed: int, seconds: float) -> tuple[int, int]:
+    """Run the writer for ``seconds`` then SIGKILL it; return (start seq, last acked seq)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, db, url, str(seed), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err
+    start, acked = -1, 0
+    for line in out.splitlines():
+        word, _, value = line.partition(" ")
+        if word == "start":
+            start = int(value)
+        elif word == "acked":
+            acked = int(value)
+    assert "Traceback" not in err, err
+    return start, acked
+
+
+def _local_max(db: str) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return int(conn.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _crash_loop(url: str, tmp_path: Path, rounds: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    db = str(tmp_path / "app.db")
+    acked_ever = 0
+    kept_going = 0
+    for i in range(rounds):
+        start, acked = _run_writer(db, url, rnd.randrange(1 << 30), rnd.uniform(0.4, 2.0))
+        assert start >= 0, "writer was killed before it opened the database"
+        acked_ever = max(acked_ever, acked)
+        local = _local_max(db)
+        restored = tmp_path / f"restored-{i}.db"
+        result = sqlrepl.restore(str(restored), url)
+        assert result is not None
+        assert integrity(restored) == [("ok",)]
+        conn = sqlite3.connect(restored)
+        try:
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM log ORDER BY seq")]
+        finally:
+            conn.close()
+        k = len(seqs)
+        assert seqs == list(range(1, k + 1)), f"round {i}: restored rows are not a prefix"
+        assert k >= acked_ever, f"round {i}: lost acknowledged rows ({k} < {acked_ever})"
+        assert k <= local, f"round {i}: restored more than was committed ({k} > {local})"
+        kept_going += k > start
+        restored.unlink()
+    assert acked_ever > 0, "no round acknowledged anything: the test proved nothing"
+    assert kept_going > rounds // 2
+
+
+@pytest.mark.slow
+def test_sigkill_many_times_file_replica(tmp_path: Path) -> None:
+    """25 kills of a writer replicating to a folder."""
+    _crash_loop("file://" + str(tmp_path / "replica"), tmp_path, rounds=25, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_sigkill_many_times_s3_replica(tmp_path: Path, s3_url: str) -> None:
+    """12 kills of a writer replicating to the real S3 server."""
+    _crash_loop(s3_url, tmp_path, rounds=12, seed=2)
+
+
+def test_exit_flushes_pending_data(tmp_path: Path) -> None:
+    """A process that commits and exits at once (no sync) has its commits
+    uploaded by the exit flush."""
+    url = "file://" + str(tmp_path / "replica")
+    db = str(tmp_path / "app.db")
+    code = r"""
+import sys, sqlrepl
+# A long interval: only the exit flush can upload the last commits in time.
+conn = sqlrepl.connect(sys.argv[1], sys.argv[2], options=sqlrepl.Options(sync_interval=30, retention=None))
+conn.execute("CREATE TABLE t(x)")
+conn.commit()
+for i in range(100):
+    conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.commit()
+"""
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", code, db, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - t0 < 20
+    restored = tmp_path / "restored.db"
+    assert sqlrepl.restore(str(restored), url) is not None
+    assert sqlite3.connect(restored).execute("SELECT count(*) FROM t").fetchone() == (100,)
