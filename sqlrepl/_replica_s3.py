@@ -42,6 +42,7 @@ import hashlib
 import math
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
@@ -448,7 +449,9 @@ class S3ReplicaClient:
         config = AioConfig(
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
-            retries={"mode": "standard", "max_attempts": s.max_attempts},
+            # total_max_attempts counts the first attempt; botocore's
+            # "max_attempts" key would count retries only.
+            retries={"mode": "standard", "total_max_attempts": s.max_attempts},
             s3={"addressing_style": s.addressing_style},
             max_pool_connections=max(10, 2 * s.upload_concurrency),
             # Many S3-compatible stores reject the CRC32 checksum headers that
@@ -532,7 +535,9 @@ class S3ReplicaClient:
         when the endpoint cannot be reached."""
         try:
             await self._call("head_bucket", "check", None)
-        except ReplicaAuthError:
+        except ReplicaAuthError as exc:
+            if not isinstance(exc.__cause__, botocore.exceptions.ClientError):
+                raise
             # A HEAD response has no body, so it cannot say *why* it was
             # refused; a one-key LIST names the cause (bad key id, bad secret,
             # expired token, no permission).
@@ -842,8 +847,11 @@ def _root_cause(exc: BaseException) -> str:
     for _ in range(10):  # chains are short; the bound guards against cycles
         if current is None:
             break
-        if isinstance(current, OSError) and current.strerror:
+        if isinstance(current, socket.gaierror) and current.strerror:
             reason = current.strerror
+        elif isinstance(current, OSError) and current.errno and current.errno > 0:
+            # asyncio's strerror is "Connect call failed (addr)"; the errno says why.
+            reason = os.strerror(current.errno)
         # botocore keeps the underlying exception in .kwargs["error"], not in __cause__.
         nested = getattr(current, "kwargs", None)
         inner = nested.get("error") if isinstance(nested, dict) else None
