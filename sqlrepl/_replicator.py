@@ -560,8 +560,11 @@ class Replicator:
             if state is not None:
                 capture.txid = int(state.get("txid", 0))
             log.info("%s starts a new generation: %s", self.database, reason)
+            asked = time.monotonic_ns()  # before the snapshot reads the WAL index
             await self._new_generation()
-        self._set_checked(time.monotonic_ns())
+            self._set_checked(asked)
+        # When continuing, frames past the position are captured by the first
+        # pass of the capture loop, which records what it has seen.
 
     async def _new_generation(self) -> None:
         capture = self._capture

@@ -36,6 +36,7 @@ from ._errors import (
     NoBackupError,
     PointInTimeError,
     RestoreError,
+    SqlreplError,
 )
 from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
 from ._replica import ObjectInfo, ReplicaClient, open_replica
@@ -358,6 +359,8 @@ async def restore_async(
         work = tempfile.mkdtemp(prefix=".sqlrepl-restore-", dir=folder)
         try:
             result = await _restore_plan(client, plan, path, work, parallelism)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from group
         finally:
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -421,6 +424,25 @@ async def _restore_plan(
     os.replace(tmp_db, path)
     _format.fsync_dir(os.path.dirname(path))
     return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a task group: a sqlrepl error if there is one
+    (a corrupt object, a replica failure), else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, SqlreplError):
+            return exc
+    return leaves[0]
 
 
 def _check_database(path: str) -> None:

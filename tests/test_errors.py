@@ -1,0 +1,411 @@
+"""Bad input: each gets a clear sqlrepl error, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, assert_same_database, fast_options, file_url, restore_fresh
+
+import sqlrepl
+from sqlrepl import _replica_memory
+
+
+def _replicate_some(db: str, url: str, rows: int = 50) -> None:
+    conn = sqlrepl.connect(db, url, options=fast_options())
+    conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB)")
+    for _ in range(rows):
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(500))")
+        conn.commit()
+    sqlrepl.sync(db, timeout=30)
+    conn.close()
+
+
+# -- configuration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://host/x", "unknown scheme ftp://"),
+        ("/var/backups/app", "unknown scheme \\(none\\)"),
+        ("file://relative/path", "a host is not allowed"),
+        ("file:///tmp/x?colour=blue", "unknown option"),
+        ("memory://", "needs a name"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_replica_url_fails_at_connect(db_path: str, url: str, message: str) -> None:
+    """A replica URL that cannot work is refused when connecting, with what to do."""
+    with pytest.raises(sqlrepl.ConfigError, match=message):
+        sqlrepl.connect(db_path, url)
+    assert not os.path.exists(db_path)
+
+
+def test_secrets_are_not_in_messages(db_path: str) -> None:
+    """A password in a bad URL never reaches the error message."""
+    with pytest.raises(sqlrepl.ConfigError) as info:
+        sqlrepl.connect(db_path, "gopher://user:hunter2@host/x?secret_key=hunter3")
+    assert "hunter2" not in str(info.value)
+    assert "hunter3" not in str(info.value)
+
+
+def test_in_memory_database_cannot_be_replicated(tmp_path: Path) -> None:
+    """There is no WAL to read in an in-memory database: refused at connect."""
+    for name in (":memory:", "file:x?mode=memory&cache=shared"):
+        with pytest.raises(sqlrepl.ConfigError, match="in-memory"):
+            sqlrepl.connect(name, file_url(tmp_path / "r"), uri=name.startswith("file:"))
+
+
+def test_one_database_one_set_of_replicas(db_path: str, tmp_path: Path) -> None:
+    """Two connections to one database naming different replicas are refused."""
+    conn = sqlrepl.connect(db_path, file_url(tmp_path / "a"), options=fast_options())
+    with pytest.raises(sqlrepl.ConfigError, match="already replicated"):
+        sqlrepl.connect(db_path, file_url(tmp_path / "b"))
+    conn.close()
+
+
+def test_bad_options_are_refused() -> None:
+    """Negative intervals and impossible thresholds are configuration errors."""
+    with pytest.raises(sqlrepl.ConfigError, match="sync_interval"):
+        sqlrepl.Options(sync_interval=-1)
+    with pytest.raises(sqlrepl.ConfigError, match="checkpoint_frames"):
+        sqlrepl.Options(checkpoint_frames=0)
+    with pytest.raises(sqlrepl.ConfigError, match="durability"):
+        sqlrepl.connect(":memory:", durability="eventually")  # type: ignore[arg-type]
+
+
+# -- WAL mode ---------------------------------------------------------------------
+
+
+def test_database_that_cannot_switch_to_wal(db_path: str, tmp_path: Path) -> None:
+    """Another connection holding a rollback-journal transaction keeps the
+    database out of WAL mode: a clear WalModeError, the data untouched."""
+    plain = sqlite3.connect(db_path)
+    plain.execute("CREATE TABLE t(x)")
+    plain.execute("INSERT INTO t VALUES (1)")
+    plain.commit()
+    plain.execute("BEGIN")
+    plain.execute("SELECT * FROM t").fetchall()  # holds a shared lock
+    with pytest.raises(sqlrepl.WalModeError, match="WAL mode"):
+        sqlrepl.connect(db_path, file_url(tmp_path / "r"), timeout=0.1)
+    plain.rollback()
+    assert plain.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    assert plain.execute("SELECT * FROM t").fetchall() == [(1,)]
+    plain.close()
+
+
+def test_read_only_database_is_not_in_wal_mode(db_path: str, tmp_path: Path) -> None:
+    """A database opened read-only cannot be put in WAL mode: WalModeError."""
+    plain = sqlite3.connect(db_path)
+    plain.execute("CREATE TABLE t(x)")
+    plain.commit()
+    plain.close()
+    with pytest.raises(sqlrepl.WalModeError, match="cannot put the database in WAL mode.*readonly"):
+        sqlrepl.connect(f"file:{db_path}?mode=ro", file_url(tmp_path / "r"), uri=True)
+
+
+# -- restore ----------------------------------------------------------------------
+
+
+def _objects(replica: Path, suffix: str) -> list[Path]:
+    return sorted(replica.rglob(f"*{suffix}"))
+
+
+def test_corrupt_segment_at_restore(db_path: str, tmp_path: Path) -> None:
+    """A flipped byte in a segment: CorruptObjectError naming it, no database written."""
+    url = file_url(tmp_path / "replica")
+    _replicate_some(db_path, url)
+    segment = _objects(tmp_path / "replica", ".segment")[-1]
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    target = tmp_path / "out" / "restored.db"
+    with pytest.raises(sqlrepl.CorruptObjectError, match=segment.name.split("-")[0]) as info:
+        sqlrepl.restore(str(target), url)
+    assert "checksum" in str(info.value) or "decompress" in str(info.value)
+    assert not target.exists()
+    assert os.listdir(target.parent) == []  # no temporary files left behind
+
+
+@pytest.mark.parametrize("cut", [10, 96, 200])
+def test_truncated_object_at_restore(db_path: str, tmp_path: Path, cut: int) -> None:
+    """A segment cut short (inside the header, at its end, in the body) is caught."""
+    url = file_url(tmp_path / "replica")
+    _replicate_some(db_path, url)
+    segment = _objects(tmp_path / "replica", ".segment")[-1]
+    segment.write_bytes(segment.read_bytes()[:cut])
+    target = tmp_path / "restored.db"
+    with pytest.raises(sqlrepl.CorruptObjectError, match="truncated"):
+        sqlrepl.restore(str(target), url)
+    assert not target.exists()
+
+
+def test_corrupt_snapshot_header(db_path: str, tmp_path: Path) -> None:
+    """A damaged snapshot header is reported as such, not as a crash."""
+    url = file_url(tmp_path / "replica")
+    _replicate_some(db_path, url)
+    snap = _objects(tmp_path / "replica", ".snapshot")[0]
+    data = bytearray(snap.read_bytes())
+    data[20] ^= 1
+    snap.write_bytes(bytes(data))
+    with pytest.raises(sqlrepl.CorruptObjectError, match="header checksum"):
+        sqlrepl.restore(str(tmp_path / "restored.db"), url)
+
+
+def test_missing_segment_is_a_gap_not_silent_loss(db_path: str, tmp_path: Path) -> None:
+    """With a segment gone, restoring the newest state refuses and says what
+    it could restore instead; that older state is then restorable."""
+    url = file_url(tmp_path / "replica")
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t(x)")
+    conn.commit()
+    for i in range(6):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+        conn.commit()
+        sqlrepl.sync(db_path)
+    conn.close()
+    segments = _objects(tmp_path / "replica", ".segment")
+    assert len(segments) >= 3
+    segments[1].unlink()
+    with pytest.raises(sqlrepl.RestoreError, match=r"segments are missing after txid (\d+).*txid=") as info:
+        sqlrepl.restore(str(tmp_path / "restored.db"), url)
+    before_gap = int(str(info.value).split("txid=")[1].split()[0])
+    result = restore_fresh(url, tmp_path / "older.db", txid=before_gap)
+    assert result.txid == before_gap
+
+
+def test_restore_never_overwrites_unless_asked(db_path: str, tmp_path: Path) -> None:
+    """An existing database is left alone by default, refused when required,
+    replaced only with overwrite=True."""
+    url = file_url(tmp_path / "replica")
+    _replicate_some(db_path, url)
+    other = tmp_path / "other.db"
+    other.write_bytes(b"precious")
+    assert sqlrepl.restore(str(other), url) is None
+    with pytest.raises(sqlrepl.DatabaseExistsError, match="overwrite=True"):
+        sqlrepl.restore(str(other), url, if_db_not_exists=False)
+    assert other.read_bytes() == b"precious"
+    assert sqlrepl.restore(str(other), url, overwrite=True) is not None
+    assert_same_database(db_path, other)
+
+
+def test_empty_replica(tmp_path: Path) -> None:
+    """An empty replica is a no-op by default (first boot), an error on request."""
+    url = file_url(tmp_path / "nothing-here")
+    assert sqlrepl.restore(str(tmp_path / "a.db"), url) is None
+    with pytest.raises(sqlrepl.NoBackupError, match="no snapshot"):
+        sqlrepl.restore(str(tmp_path / "a.db"), url, if_replica_exists=False)
+
+
+def test_stale_wal_beside_target_is_moved_aside(db_path: str, tmp_path: Path) -> None:
+    """A leftover -wal next to the restore target would be replayed onto the
+    restored database by SQLite: it is renamed aside, not deleted."""
+    url = file_url(tmp_path / "replica")
+    _replicate_some(db_path, url)
+    target = tmp_path / "restored.db"
+    Path(str(target) + "-wal").write_bytes(b"stale wal from another life")
+    restore_fresh(url, target)
+    assert not Path(str(target) + "-wal").exists()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("restored.db-wal.stale-")]
+    assert len(aside) == 1
+    assert aside[0].read_bytes() == b"stale wal from another life"
+    assert_same_database(db_path, target)
+
+
+# -- stores that fail ------------------------------------------------------------
+
+
+def test_failing_store_never_blocks_commits(db_path: str, tmp_path: Path) -> None:
+    """A store that fails every request: commits go on at full speed, sync
+    times out naming the replica and its error, and once the store is back
+    everything reaches it."""
+    name = f"flaky-{os.getpid()}-{time.monotonic_ns()}"
+    url = f"memory://{name}"
+    _replica_memory.fail_next(name, 10_000)
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    t0 = time.monotonic()
+    for i in range(500):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (str(i),))
+        conn.commit()
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(sqlrepl.SyncTimeoutError, match=rf"memory://{name}.*injected failure") as info:
+        sqlrepl.sync(db_path, timeout=1)
+    assert "committed locally" in str(info.value)
+    assert sqlrepl.status(db_path).replicas[0].last_error is not None
+    _replica_memory._failures[name].clear()  # the store recovers
+    sqlrepl.sync(db_path, timeout=30)
+    conn.close()
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db_path, restored)
+
+
+def test_one_failing_replica_does_not_hold_back_another(db_path: str, tmp_path: Path) -> None:
+    """With a folder and a failing store, the folder keeps up on its own."""
+    name = f"down-{os.getpid()}-{time.monotonic_ns()}"
+    _replica_memory.fail_next(name, 10_000)
+    good = file_url(tmp_path / "good")
+    conn = sqlrepl.connect(db_path, [good, f"memory://{name}"], options=fast_options())
+    conn.execute("CREATE TABLE t(x)")
+    for i in range(100):
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+        conn.commit()
+    # No sync() here: it waits for every replica. Wait until the capture has
+    # settled (the txid stops moving) and the folder has all of it.
+    deadline = time.monotonic() + 30
+    stable_since, last = time.monotonic(), -1
+    while True:
+        st = sqlrepl.status(db_path)
+        if st.txid != last:
+            stable_since, last = time.monotonic(), st.txid
+        if st.replicas[0].txid == st.txid and time.monotonic() - stable_since > 0.5:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    assert st.replicas[1].txid < st.txid
+    assert st.replicas[1].last_error is not None
+    restored = tmp_path / "restored.db"
+    restore_fresh(good, restored)
+    conn.close()
+    assert_same_database(db_path, restored)
+
+
+UNWRITABLE = r"""
+import os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[4])
+from helpers import fast_options
+# Import now what the replicator loads lazily, then stop being root (root
+# ignores file permissions): only the effective ids change, so this works
+# wherever the interpreter is installed.
+import asyncio, anyio._backends._asyncio, concurrent.futures.thread, selectors, urllib.parse
+import sqlrepl._replica_file
+if os.geteuid() == 0:
+    os.setegid(65534)
+    os.seteuid(65534)
+db, url, flag = sys.argv[1], sys.argv[2], sys.argv[3]
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(x)")
+for i in range(200):
+    conn.execute("INSERT INTO t VALUES (?)", (i,))
+    conn.commit()
+print("committed", flush=True)
+try:
+    sqlrepl.sync(db, timeout=2)
+except sqlrepl.SyncTimeoutError as exc:
+    print("timeout:", exc, flush=True)
+    print("error:", sqlrepl.status(db).replicas[0].last_error, flush=True)
+while not os.path.exists(flag):
+    time.sleep(0.05)
+sqlrepl.sync(db, timeout=30)
+print("synced", flush=True)
+"""
+
+
+def test_replica_folder_that_cannot_be_written(tmp_path: Path) -> None:
+    """A replica folder without write permission: commits work, the error
+    says permission denied and what to do, and after the folder is fixed
+    everything is replicated. Run as an unprivileged user (root ignores
+    permissions)."""
+    work = Path(tempfile.mkdtemp(prefix="sqlrepl-perm-"))
+    try:
+        os.chmod(work, 0o777)
+        replica = work / "replica"
+        replica.mkdir(mode=0o555)
+        flag = work / "fixed"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                UNWRITABLE,
+                str(work / "app.db"),
+                file_url(replica),
+                str(flag),
+                str(Path(__file__).parent),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(work)},
+        )
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith("committed"), (lines, proc.stderr.read() if proc.stderr else "")
+        assert lines[1].startswith("timeout:")
+        assert "permission denied" in lines[2]
+        assert "make the folder writable" in lines[2]
+        os.chmod(replica, 0o777)
+        flag.touch()
+        out, err = proc.communicate(timeout=60)
+        assert "synced" in out, err
+        restored = work / "restored.db"
+        restore_fresh(file_url(replica), restored)
+        assert_same_database(work / "app.db", restored)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+FULL_DISK = r"""
+import os, subprocess, sys, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.commit()
+sqlrepl.sync(db, timeout=30)
+for i in range(300):
+    conn.execute("INSERT INTO t(v) VALUES (randomblob(8000))")
+    conn.commit()
+try:
+    sqlrepl.sync(db, timeout=2)
+    print("unexpected: synced with a full disk", flush=True)
+except sqlrepl.SyncTimeoutError:
+    print("sync timed out", flush=True)
+print("error:", sqlrepl.status(db).error, flush=True)
+subprocess.run(["mount", "-o", "remount,size=64m", staging], check=True)
+sqlrepl.sync(db, timeout=30)
+print("synced", flush=True)
+conn.close()
+"""
+
+
+def test_full_disk_under_staging(tmp_path: Path) -> None:
+    """The staging folder's disk fills up: commits go on (the WAL keeps the
+    data, pinned), the error says no space, and once space is back the
+    replica gets everything. A real full filesystem: a 512 KiB tmpfs mounted
+    on the staging folder inside a private mount namespace."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.fail("needs unshare and mount (util-linux) to make a real full disk")
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    script = (
+        f"mount -t tmpfs -o size=512k tmpfs {staging} && "
+        f"exec {sys.executable} -c '{FULL_DISK}' {db} {url} {Path(__file__).parent}"
+    )
+    out = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "sync timed out" in out.stdout
+    assert "No space left on device" in out.stdout
+    assert "synced" in out.stdout
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
