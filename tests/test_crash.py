@@ -100,7 +100,9 @@ def _crash_loop(url: str, tmp_path: Path, rounds: int, seed: int) -> None:
         local = _local_max(db)
         restored = tmp_path / f"restored-{i}.db"
         result = sqlrepl.restore(str(restored), url)
-        assert result is not None
+        if result is None:  # killed before its first upload: fine if nothing was acknowledged
+            assert acked_ever == 0, f"round {i}: the replica is empty but rows were acknowledged"
+            continue
         assert integrity(restored) == [("ok",)]
         conn = sqlite3.connect(restored)
         try:
