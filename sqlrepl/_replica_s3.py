@@ -595,9 +595,9 @@ class S3ReplicaClient:
             abort = asyncio.ensure_future(self._abort(full, upload_id))
             self._background.add(abort)
             abort.add_done_callback(self._background.discard)
-            # Shielded: the abort still runs if this task is being cancelled.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(abort)
+            # Shielded: if this task is cancelled (again), the abort goes on
+            # in the background and aclose() waits for it.
+            await asyncio.shield(abort)
             raise
 
     async def _upload_parts(
@@ -612,14 +612,13 @@ class S3ReplicaClient:
     ) -> list[str]:
         etags = [""] * count
         numbers = iter(range(count))
-        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
 
         async def worker() -> None:
             # Workers share one iterator, so each part is read and sent once
             # and at most `upload_concurrency` parts are in memory.
             for n in numbers:
                 length = min(part_size, size - n * part_size)
-                data, md5 = await asyncio.to_thread(_read_part, fd, n * part_size, length, path)
+                data, md5 = await asyncio.to_thread(_read_part, path, n * part_size, length)
                 response = await self._call(
                     "upload_part",
                     "put",
@@ -633,10 +632,7 @@ class S3ReplicaClient:
                 )
                 etags[n] = response["ETag"]
 
-        try:
-            await _run_all([worker for _ in range(min(self._settings.upload_concurrency, count))])
-        finally:
-            os.close(fd)
+        await _run_all([worker for _ in range(min(self._settings.upload_concurrency, count))])
         return etags
 
     async def _abort(self, full: str, upload_id: str) -> None:
@@ -767,8 +763,9 @@ class S3ReplicaClient:
                 replica=self._url,
             )
         if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+            # aiobotocore also reports a connection reset mid-request this way.
             return ReplicaUnavailableError(
-                f"{where}: cannot connect to {self._endpoint_label} ({_root_cause(exc)})", replica=self._url
+                f"{where}: cannot reach {self._endpoint_label} ({_root_cause(exc)})", replica=self._url
             )
         if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
             return ReplicaUnavailableError(
@@ -872,8 +869,11 @@ def _read_file(path: str | os.PathLike[str]) -> bytes:
         return f.read()
 
 
-def _read_part(fd: int, offset: int, length: int, path: str | os.PathLike[str]) -> tuple[bytes, str]:
-    data = os.pread(fd, length, offset)
+def _read_part(path: str | os.PathLike[str], offset: int, length: int) -> tuple[bytes, str]:
+    # One open per part: a cancelled part's thread may still be reading after
+    # the upload gave up, so no descriptor is shared (and closed) under it.
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), length, offset)
     if len(data) != length:
         raise OSError(f"{os.fspath(path)}: file shrank while being uploaded (offset {offset})")
     return data, _md5_b64(data)

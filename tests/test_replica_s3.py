@@ -42,7 +42,7 @@ def settings_for(url: str, environ: dict[str, str] | None = None) -> replica_s3.
 
 def error_texts(exc: BaseException) -> str:
     """str and repr of ``exc`` and of every exception it was raised from."""
-    texts = []
+    texts: list[str] = []
     seen: BaseException | None = exc
     while seen is not None and len(texts) < 40:
         texts += [str(seen), repr(seen)]
@@ -305,7 +305,7 @@ async def test_refused_endpoint_fails_fast(s3_env: dict[str, str], opened: list[
     endpoint = refused_endpoint()
     client = s3_client(f"s3://bucket/p?endpoint={endpoint}", opened)
     started = time.monotonic()
-    with pytest.raises(ReplicaUnavailableError, match="cannot connect to") as info:
+    with pytest.raises(ReplicaUnavailableError, match="cannot reach") as info:
         await client.check()
     assert time.monotonic() - started < 30
     assert endpoint in str(info.value)
@@ -526,6 +526,33 @@ async def test_stall_beyond_read_timeout_gives_unavailable(
     elapsed = time.monotonic() - started
     assert 2 <= elapsed < 8  # two 1 s read timeouts plus at most 1 s of backoff
     assert proxy.counts["stall"] == 2
+
+
+@pytest.mark.s3
+@pytest.mark.asyncio
+async def test_store_that_stops_reading_an_upload_hits_the_deadline(
+    s3_bucket: str,
+    s3_env: dict[str, str],
+    proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    opened: list[S3ReplicaClient],
+) -> None:
+    """A PUT whose body the store stops reading (no socket timeout covers that) fails at the deadline."""
+    # The deadline allows body_bytes / _MIN_UPLOAD_RATE per attempt; raise the
+    # rate so the test waits seconds, not minutes.
+    monkeypatch.setattr(replica_s3, "_MIN_UPLOAD_RATE", 16 * MiB)
+    client = s3_client(
+        proxied_url(s3_bucket, proxy, "&read_timeout=1&connect_timeout=1&max_attempts=1"), opened
+    )
+    data = os.urandom(48 * MiB)  # far more than loopback socket buffers hold
+    deadline = client.settings.call_deadline(len(data))
+    assert deadline < 6
+    proxy.inject("stall", times=1, seconds=60, method="PUT")
+    started = time.monotonic()
+    with pytest.raises(ReplicaUnavailableError, match="deadline"):
+        await client.put("big", data)
+    assert deadline - 0.5 < time.monotonic() - started < deadline + 5
+    assert proxy.counts["stall"] == 1
 
 
 @pytest.mark.s3
