@@ -541,11 +541,11 @@ class Capture:
         else:
             # One restart since our last copy, never more: our pin let SQLite
             # restart the WAL only once every frame in it had been copied.
-            # Anything else means frames were lost.
-            if pos.frame and (
-                wal_header.salt1 != (int.from_bytes(pos.salt[:4], "big") + 1) & _MASK
-                or (pos.seq >= 0 and wal_header.checkpoint_seq != pos.seq + 1)
-            ):
+            # Each restart adds one to salt-1 (taken from the shared
+            # wal-index). The header's checkpoint sequence number is no
+            # witness: SQLite writes the writing connection's own counter,
+            # stale when another connection restarted the WAL.
+            if pos.frame and wal_header.salt1 != (int.from_bytes(pos.salt[:4], "big") + 1) & _MASK:
                 raise ContinuityLost("the WAL was restarted more than once since the last copy")
             first = 1
         last = hdr.max_frame

@@ -203,6 +203,7 @@ class Replicator:
         self._woken = False
         self._sync_requests = 0
         self._snapshot_wanted = False
+        self._peer_sync = False
         self._last_capture = 0.0
         self._since_snapshot_bytes = 0
         self._since_snapshot_count = 0
@@ -418,8 +419,8 @@ class Replicator:
         with contextlib.suppress(BlockingIOError, OSError):
             while True:
                 if sock.recv(64) == b"s":
-                    # A peer process's sync(): capture now, not at the interval.
-                    self._last_capture = 0.0
+                    # A peer process's sync(): look now and record it.
+                    self._peer_sync = True
 
     async def _run_locked(self) -> None:
         with self._cond:
@@ -498,6 +499,7 @@ class Replicator:
             (o for o in (self._obj_from_key(k) for k in staged) if o is not None), key=lambda o: o.order
         )
         keys = {o.key for o in self._staged}
+        self._replicas = []  # standby kept a view of the other process's; ours now
         for url, client in zip(self.urls, self._clients, strict=True):
             path = self._staging.replica_path(redact_url(url) + "\0" + url)
             saved = self._staging.read_json(path) or {}
@@ -619,7 +621,8 @@ class Replicator:
             now = time.monotonic()
             due = now - self._last_capture >= opts.sync_interval
             with self._cond:
-                wanted = self._sync_requests > 0 or self._snapshot_wanted
+                wanted = self._sync_requests > 0 or self._snapshot_wanted or self._peer_sync
+                self._peer_sync = False
             try:
                 # Taken before the index is read: all committed before it is seen.
                 looked = time.monotonic_ns()
@@ -666,10 +669,8 @@ class Replicator:
                 await self._wait_wake()
                 self._drain_wake()
                 with self._cond:
-                    if self._sync_requests or self._snapshot_wanted or self._stop.is_set():
+                    if self._sync_requests or self._snapshot_wanted or self._peer_sync or self._stop.is_set():
                         return
-                if self._last_capture == 0.0:
-                    return
 
     async def _capture_once(self) -> None:
         capture = self._capture
