@@ -385,6 +385,8 @@ class S3ReplicaClient:
     received. ``errors`` counts attempts that failed (no response, or a status
     of 300 or more, including a 404 for a missing key), plus one for a call
     that failed before any attempt (no credentials) or hit the outer deadline.
+    Not seen, so not counted: aiohttp's own single resend of an idempotent
+    request whose connection reset before any response.
     """
 
     def __init__(self, settings: S3Settings) -> None:
