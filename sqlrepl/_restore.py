@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger("sqlrepl")
 
-PART_SIZE = 16 << 20
+PART_SIZE = 8 << 20
 DEFAULT_PARALLELISM = 8
 
 
@@ -301,9 +301,11 @@ async def _download(
             return len(data)
 
         async def part(start: int) -> None:
+            # The slot is held until the part is on disk: at most
+            # `parallelism` parts are ever in memory, however slow the disk.
             async with limiter:
                 data = await client.get_range(key, start, min(PART_SIZE, size - start))
-            await anyio.to_thread.run_sync(os.pwrite, fd, data, start)
+                await anyio.to_thread.run_sync(os.pwrite, fd, data, start)
 
         async with anyio.create_task_group() as tg:
             for start in range(0, size, PART_SIZE):
