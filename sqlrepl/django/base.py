@@ -1,0 +1,588 @@
+"""The ``sqlrepl.django`` database backend: Django's SQLite backend whose
+connections are made by :func:`sqlrepl.connect`.
+
+``OPTIONS`` keys read here (and removed before Django or ``sqlite3.connect``
+see them):
+
+- ``replica``: a replica URL or a list of them. Without it the backend is
+  Django's SQLite backend, unchanged.
+- ``durability``: ``"async"`` (default) or ``"replicated"``: a write that
+  Django reports done (a ``commit()``, the end of an outermost ``atomic``
+  block, or a statement run in autocommit mode) is then in every replica, or
+  raises :class:`sqlrepl.SyncTimeoutError`, after being committed locally.
+- ``replicated_timeout``: seconds to wait for that (default 30).
+- ``restore`` (default ``True``): before the first connection of the process
+  to the database, rebuild it from the replicas when the file is missing.
+- ``options``: a dict of :class:`sqlrepl.Options` fields (or an ``Options``).
+- ``backend``: the dotted name of another SQLite backend (as in ``ENGINE``)
+  to wrap instead of Django's own; it must subclass Django's SQLite
+  ``DatabaseWrapper``.
+
+Every other key is Django's (``init_command``, ``transaction_mode``) or
+``sqlite3.connect``'s (``timeout``, ``factory``, ...) and is passed through.
+
+Errors in these settings raise ``ImproperlyConfigured`` when the backend is
+created, and at ``django.setup()`` when ``"sqlrepl.django"`` is in
+``INSTALLED_APPS``, never at the first query.
+
+Not replicated: an in-memory database (an explicit in-memory ``NAME`` with a
+replica is an error), and any database the connection is pointed at after
+it was created -- the test runner's test databases -- so that tests never
+write to the production replica. Writes made on the raw ``sqlite3``
+connection (``connection.connection``) are replicated but not waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import functools
+import importlib
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS
+from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteDatabaseWrapper
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
+
+import sqlrepl
+
+from .._connection import _database_path
+from .._staging import staging_dir_for
+
+__all__ = [
+    "DatabaseWrapper",
+    "ReplicationSettings",
+    "check_databases",
+    "read_settings",
+    "restore_from_replicas",
+    "restore_lock",
+    "restore_once",
+    "wait_until_started",
+]
+
+log = logging.getLogger("sqlrepl.django")
+
+ENGINE = "sqlrepl.django"
+SQLREPL_KEYS = ("replica", "durability", "replicated_timeout", "restore", "options", "backend")
+# Django's own SQLite OPTIONS, and sqlite3.connect's keyword arguments.
+DJANGO_KEYS = (
+    "init_command",
+    "transaction_mode",
+    "timeout",
+    "detect_types",
+    "isolation_level",
+    "check_same_thread",
+    "factory",
+    "cached_statements",
+    "uri",
+    "autocommit",
+)
+_STOCK_BACKEND = "django.db.backends.sqlite3"
+# Statements that never change the database; anything else run in autocommit
+# mode may have (DDL, VACUUM, COMMIT, ...) and is waited for.
+_READ_ONLY = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "VALUES", "WITH", "BEGIN", "SAVEPOINT"})
+_FIRST_WORD = re.compile(r"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(\w+)", re.DOTALL)
+_PRAGMA = re.compile(
+    r"PRAGMA\s+(?:\w+\.)?(journal_mode|wal_autocheckpoint|locking_mode)\s*(?:=|\()\s*['\"]?(\w+)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    """sqlrepl's part of one ``DATABASES`` entry, checked by :func:`read_settings`."""
+
+    alias: str
+    name: str  # NAME as configured
+    database: str | None  # its absolute path; None for an in-memory database
+    replicas: tuple[str, ...]
+    durability: Literal["async", "replicated"]
+    replicated_timeout: float
+    restore: bool
+    options: sqlrepl.Options | None
+    backend: str | None
+
+
+def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> ReplicationSettings:
+    """Check one ``DATABASES`` entry and return sqlrepl's settings from it.
+
+    Raises ``ImproperlyConfigured`` (with the :class:`sqlrepl.ConfigError`
+    as its cause where there is one) for an unknown ``OPTIONS`` key, a
+    malformed replica URL or unknown scheme, a bad value, an in-memory
+    ``NAME`` with a replica, an ``init_command`` that would break
+    replication, or a ``backend`` that cannot be wrapped. Performs no I/O
+    beyond importing ``backend``.
+    """
+    where = f"settings.DATABASES[{alias!r}]['OPTIONS']"
+    options = settings_dict.get("OPTIONS") or {}
+    if not isinstance(options, Mapping):
+        raise ImproperlyConfigured(f"{where} must be a dict, got {type(options).__name__}")
+    backend = options.get("backend")
+    if backend is not None and (not isinstance(backend, str) or not backend):
+        raise ImproperlyConfigured(f"{where}['backend'] must be a dotted module name, got {backend!r}")
+    _check_keys(options, where, custom_backend=backend not in (None, _STOCK_BACKEND))
+
+    replicas = _replicas(options.get("replica"), where)
+    durability = options.get("durability", "async")
+    if durability not in ("async", "replicated"):
+        raise ImproperlyConfigured(
+            f"{where}['durability'] must be 'async' or 'replicated', got {durability!r}"
+        )
+    timeout = options.get("replicated_timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ImproperlyConfigured(f"{where}['replicated_timeout'] must be a number of seconds > 0")
+    restore = options.get("restore", True)
+    if not isinstance(restore, bool):
+        raise ImproperlyConfigured(f"{where}['restore'] must be True or False, got {restore!r}")
+
+    name = settings_dict.get("NAME")
+    name_str = os.fspath(name) if name else ""
+    database = _database_path(name_str) if name_str else None
+    if replicas and database is None:
+        raise ImproperlyConfigured(
+            f"settings.DATABASES[{alias!r}]['NAME'] is {name_str or 'empty'!r}: an in-memory database"
+            " cannot be replicated. Give a file path, or remove OPTIONS['replica'] (tests do not need it:"
+            " the test runner's databases are never replicated)."
+        )
+    if replicas:
+        _check_init_command(options.get("init_command"), where)
+    factory = options.get("factory")
+    if factory is not None:
+        _connection_class(factory, where)
+    if backend is not None:
+        _backend_class(backend)
+    return ReplicationSettings(
+        alias=alias,
+        name=name_str,
+        database=database,
+        replicas=replicas,
+        durability=durability,
+        replicated_timeout=float(timeout),
+        restore=restore,
+        options=_options(options.get("options"), where),
+        backend=backend,
+    )
+
+
+def _check_keys(options: Mapping[str, Any], where: str, *, custom_backend: bool) -> None:
+    for key in options:
+        if key in SQLREPL_KEYS or key in DJANGO_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), SQLREPL_KEYS + DJANGO_KEYS, n=1, cutoff=0.75)
+        if custom_backend and not (close and close[0] in SQLREPL_KEYS):
+            continue  # may be the wrapped backend's own option
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ImproperlyConfigured(
+            f"{where} has an unknown key {key!r}{hint}. sqlrepl's keys: {', '.join(SQLREPL_KEYS)};"
+            f" Django's SQLite keys: {', '.join(DJANGO_KEYS)}."
+        )
+
+
+def _replicas(value: Any, where: str) -> tuple[str, ...]:
+    if value is None or value == "" or value == []:
+        return ()
+    urls = (value,) if isinstance(value, str) else value
+    if not isinstance(urls, list | tuple) or not all(isinstance(u, str) and u for u in urls):
+        raise ImproperlyConfigured(f"{where}['replica'] must be a URL or a list of URLs, got {value!r}")
+    for url in urls:
+        try:
+            sqlrepl.open_replica(url)  # parses the URL; no I/O
+        except sqlrepl.ConfigError as exc:
+            raise ImproperlyConfigured(f"{where}['replica']: {exc}") from exc
+    return tuple(urls)
+
+
+def _options(value: Any, where: str) -> sqlrepl.Options | None:
+    if value is None or isinstance(value, sqlrepl.Options):
+        return value
+    if not isinstance(value, Mapping):
+        raise ImproperlyConfigured(f"{where}['options'] must be a dict of sqlrepl.Options fields")
+    known = [f.name for f in fields(sqlrepl.Options)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ImproperlyConfigured(
+            f"{where}['options'] has unknown field(s) {', '.join(map(repr, unknown))};"
+            f" sqlrepl.Options has {', '.join(known)}"
+        )
+    try:
+        return sqlrepl.Options(**value)
+    except sqlrepl.ConfigError as exc:
+        raise ImproperlyConfigured(f"{where}['options']: {exc}") from exc
+
+
+def _check_init_command(command: Any, where: str) -> None:
+    if not command:
+        return
+    for match in _PRAGMA.finditer(str(command)):
+        pragma, value = match.group(1).lower(), match.group(2).lower()
+        if (
+            (pragma == "journal_mode" and value != "wal")
+            or (pragma == "wal_autocheckpoint" and value != "0")
+            or (pragma == "locking_mode" and value == "exclusive")
+        ):
+            raise ImproperlyConfigured(
+                f"{where}['init_command'] sets {match.group(0)!r}, which breaks replication: sqlrepl needs"
+                " journal_mode=WAL, owns checkpoints (wal_autocheckpoint=0) and shares the database"
+                " between processes (locking_mode=NORMAL). Remove it."
+            )
+
+
+@functools.cache
+def _connection_class(factory: Any, where: str = "OPTIONS") -> type[sqlrepl.Connection]:
+    """The class ``sqlrepl.connect`` should build for a ``factory`` option."""
+    if factory is None:
+        return sqlrepl.Connection
+    if isinstance(factory, type) and issubclass(factory, sqlrepl.Connection):
+        return factory
+    if isinstance(factory, type) and issubclass(factory, sqlite3.Connection):
+        # sqlrepl.Connection first: its commit() runs, then the factory's.
+        return type(factory.__name__, (sqlrepl.Connection, factory), {"__module__": factory.__module__})
+    raise ImproperlyConfigured(
+        f"{where}['factory'] must be a subclass of sqlite3.Connection, got {factory!r}"
+    )
+
+
+@functools.cache
+def _backend_class(backend: str) -> type[DatabaseWrapper]:
+    """The ``DatabaseWrapper`` class that replicates through ``backend``."""
+    where = f"OPTIONS['backend'] {backend!r}"
+    if backend in (ENGINE, _STOCK_BACKEND):
+        return DatabaseWrapper
+    try:
+        module = importlib.import_module(f"{backend}.base")
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            f"{where}: cannot import {backend}.base ({exc}); name a backend as in ENGINE"
+        ) from exc
+    wrapped = getattr(module, "DatabaseWrapper", None)
+    if not (isinstance(wrapped, type) and issubclass(wrapped, SQLiteDatabaseWrapper)):
+        raise ImproperlyConfigured(
+            f"{where}: {backend}.base.DatabaseWrapper is not a subclass of Django's SQLite"
+            " DatabaseWrapper; sqlrepl can only wrap SQLite backends"
+        )
+    if issubclass(wrapped, DatabaseWrapper):
+        return wrapped
+    try:
+        # DatabaseWrapper first, so its overrides run and call the wrapped
+        # backend's through super(); the wrapped backend's class attributes
+        # (features, operations, ...) still come before Django's.
+        return type(
+            "DatabaseWrapper",
+            (DatabaseWrapper, wrapped),
+            {"__module__": __name__, "__qualname__": f"DatabaseWrapper[{backend}]"},
+        )
+    except TypeError as exc:
+        raise ImproperlyConfigured(f"{where}: cannot combine it with sqlrepl's backend: {exc}") from exc
+
+
+def check_databases() -> None:
+    """Check every ``DATABASES`` entry that uses this backend; raise
+    ``ImproperlyConfigured`` on the first error. Called by the app's
+    ``ready()`` so that errors stop ``django.setup()``."""
+    for alias, settings_dict in settings.DATABASES.items():
+        if settings_dict.get("ENGINE") == ENGINE:
+            read_settings(settings_dict, alias)
+
+
+# -- restore at startup --------------------------------------------------------------
+
+_restored: set[str] = set()
+_restore_mutex = threading.Lock()
+
+
+@contextlib.contextmanager
+def restore_lock(database: str) -> Iterator[None]:
+    """Hold an exclusive lock, across processes, for restoring ``database``.
+
+    The workers of one app start together; without it two of them could
+    both find the file missing, and the second restore would replace the
+    database (and move aside the WAL) that the first one already writes to.
+    The lock is a ``flock`` on ``restore.lock`` in the staging folder.
+    """
+    folder = staging_dir_for(database)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, "restore.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def restore_from_replicas(
+    database: str, replicas: tuple[str, ...], **kwargs: Any
+) -> sqlrepl.RestoreResult | None:
+    """:func:`sqlrepl.restore` from the first replica that can: one that
+    fails is skipped for the next; if none restored and one failed, its
+    error is raised (an unreachable replica must not look empty)."""
+    errors: list[sqlrepl.SqlreplError] = []
+    for url in replicas:
+        try:
+            result = sqlrepl.restore(database, url, **kwargs)
+        except (sqlrepl.ReplicaError, sqlrepl.CorruptObjectError, sqlrepl.RestoreError) as exc:
+            if isinstance(exc, sqlrepl.DatabaseExistsError | sqlrepl.PointInTimeError):
+                raise
+            log.warning("restore of %s from %s failed: %s", database, url, exc)
+            errors.append(exc)
+            continue
+        if result is not None:
+            return result
+    if errors:
+        raise errors[0]
+    return None
+
+
+def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
+    """Restore ``config.database`` from its replicas if the file is missing.
+
+    Runs at most once per process and database (later calls return ``None``
+    without I/O; a failed attempt is retried by the next call), under
+    :func:`restore_lock`. Does nothing when the replicas are empty (a new
+    app); raises when they cannot be read, so that an app never starts on an
+    empty database while its backup is unreachable.
+    """
+    path = config.database
+    if path is None:
+        return None
+    with _restore_mutex:
+        if path in _restored:
+            return None
+        result = None
+        if not os.path.exists(path):
+            with restore_lock(path):
+                result = restore_from_replicas(path, config.replicas)
+        _restored.add(path)
+        return result
+
+
+# -- the backend -----------------------------------------------------------------------
+
+_live: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+_inherited: list[Any] = []
+
+
+class _Connector:
+    """Stands in for the ``factory`` of ``sqlite3.connect``.
+
+    Django's backend opens its connection with ``sqlite3.connect(**params)``,
+    and ``sqlite3.connect`` calls ``factory`` with those same arguments; so
+    with this as the factory, Django's own ``get_new_connection`` (and a
+    wrapped backend's) runs unchanged -- functions, pragmas, init_command --
+    on a connection made by :func:`sqlrepl.connect`.
+    """
+
+    # sqlite3.connect's parameters, in order (a backend may pass some by position).
+    _POSITIONAL = (
+        "database",
+        "timeout",
+        "detect_types",
+        "isolation_level",
+        "check_same_thread",
+        "factory",
+        "cached_statements",
+        "uri",
+    )
+
+    def __init__(self, config: ReplicationSettings, factory: Any) -> None:
+        self._config = config
+        self._factory = _connection_class(factory)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> sqlrepl.Connection:
+        kwargs.update(zip(self._POSITIONAL, args, strict=False))
+        kwargs.pop("factory", None)
+        database = kwargs.pop("database")
+        config = self._config
+        # durability="async" here: the backend waits for the replicas itself,
+        # after Django has recorded the commit (see DatabaseWrapper.commit).
+        return sqlrepl.connect(
+            database,
+            config.replicas,
+            durability="async",
+            options=config.options,
+            factory=self._factory,
+            **kwargs,
+        )
+
+
+class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django ships no type information
+    """Django's SQLite ``DatabaseWrapper`` (or the one of ``OPTIONS['backend']``)
+    whose connections are :class:`sqlrepl.Connection` objects. See the module
+    docstring for the options and guarantees."""
+
+    sqlrepl: ReplicationSettings
+
+    def __new__(cls, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> DatabaseWrapper:
+        target = cls
+        if cls is DatabaseWrapper:
+            backend = (settings_dict.get("OPTIONS") or {}).get("backend")
+            if isinstance(backend, str) and backend:
+                target = _backend_class(backend)
+        # An instance of a subclass: Python then runs its __init__ once.
+        return object.__new__(target)
+
+    def __init__(self, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
+        self.sqlrepl = read_settings(settings_dict, alias)
+        super().__init__(settings_dict, alias)
+        self._sqlrepl_active = False
+        self._sqlrepl_dirty = False  # a write in the open transaction
+        self._sqlrepl_pending = False  # a write that commits when its cursor closes
+        self._sqlrepl_waits = bool(self.sqlrepl.replicas) and self.sqlrepl.durability == "replicated"
+        if self._sqlrepl_waits:
+            self.execute_wrappers.append(self._sqlrepl_watch)
+        _live.add(self)
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        for key in SQLREPL_KEYS:
+            params.pop(key, None)
+        return params
+
+    def _sqlrepl_replicates(self) -> bool:
+        """Whether the next connection is to the configured database (and
+        not to a test database the test runner switched NAME to)."""
+        config = self.sqlrepl
+        name = self.settings_dict.get("NAME")
+        return bool(config.replicas) and name is not None and os.fspath(name) == config.name
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        self._sqlrepl_active = self._sqlrepl_dirty = self._sqlrepl_pending = False
+        if not self._sqlrepl_replicates():
+            return super().get_new_connection(conn_params)
+        if self.sqlrepl.restore:
+            restore_once(self.sqlrepl)
+        params = {**conn_params, "factory": _Connector(self.sqlrepl, conn_params.get("factory"))}
+        conn = super().get_new_connection(params)
+        if not isinstance(conn, sqlrepl.Connection):
+            conn.close()
+            raise ImproperlyConfigured(
+                f"{type(self).__qualname__}.get_new_connection() did not open its connection with"
+                " sqlite3.connect(**conn_params), so sqlrepl cannot replicate it"
+            )
+        self._sqlrepl_active = True
+        return conn
+
+    # -- durability="replicated" ---------------------------------------------------
+
+    def _sqlrepl_watch(
+        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
+    ) -> Any:
+        """Execute wrapper: notes writes in a transaction, and waits for the
+        replicas after a write that committed by itself (autocommit mode)."""
+        conn = self.connection
+        if not self._sqlrepl_active or conn is None:
+            return execute(sql, params, many, context)
+        if self._sqlrepl_pending:
+            self._sqlrepl_wait()  # an earlier cursor with rows was left open
+        before = conn.total_changes
+        result = execute(sql, params, many, context)
+        if conn.total_changes != before or _may_write(sql):
+            if conn.in_transaction:
+                self._sqlrepl_dirty = True
+            elif getattr(context.get("cursor"), "description", None) is not None:
+                # It returns rows (INSERT ... RETURNING): in autocommit mode its
+                # transaction commits only when the statement ends, when the
+                # rows are read or the cursor closed. Wait at the close.
+                self._sqlrepl_pending = True
+            else:
+                self._sqlrepl_wait()
+        return result
+
+    def make_cursor(self, cursor: Any) -> Any:
+        if self._sqlrepl_waits:
+            return _Cursor(cursor, self)
+        return super().make_cursor(cursor)
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        if self._sqlrepl_waits:
+            return _DebugCursor(cursor, self)
+        return super().make_debug_cursor(cursor)
+
+    def _sqlrepl_cursor_closed(self) -> None:
+        if self._sqlrepl_pending:
+            self._sqlrepl_wait()
+
+    def _sqlrepl_wait(self) -> None:
+        self._sqlrepl_dirty = self._sqlrepl_pending = False
+        database = self.sqlrepl.database or ""
+        timeout = self.sqlrepl.replicated_timeout
+        wait_until_started(database, time.monotonic() + timeout)
+        sqlrepl.sync(database, timeout=timeout)
+
+    def commit(self) -> None:
+        # Wait after Django has recorded the commit, so that on a timeout the
+        # transaction still counts as committed (it is, locally): on_commit
+        # callbacks run, and the SyncTimeoutError reaches the caller.
+        super().commit()
+        if self._sqlrepl_dirty or self._sqlrepl_pending:
+            self._sqlrepl_wait()
+
+    def rollback(self) -> None:
+        self._sqlrepl_dirty = False
+        super().rollback()
+
+
+class _WaitOnClose:
+    """Closing the cursor ends its statement: then wait for the replicas if
+    that statement committed a write (see ``DatabaseWrapper._sqlrepl_watch``)."""
+
+    cursor: Any
+    db: DatabaseWrapper
+
+    def close(self) -> None:
+        try:
+            self.cursor.close()
+        finally:
+            self.db._sqlrepl_cursor_closed()
+
+
+class _Cursor(_WaitOnClose, CursorWrapper):  # type: ignore[misc]  # Django ships no type information
+    pass
+
+
+class _DebugCursor(_WaitOnClose, CursorDebugWrapper):  # type: ignore[misc]  # Django ships no type information
+    pass
+
+
+def wait_until_started(database: str, deadline: float) -> None:
+    """Wait (until ``deadline``, a ``time.monotonic()`` value) while the
+    replicator of ``database`` in this process is still ``"starting"``.
+
+    Works around an engine issue: a ``sync()`` made before the replicator
+    knows it stands by is not passed to the replicating process, and waits
+    out its whole timeout. A new worker's first write hits it.
+    """
+    while sqlrepl.status(database).role == "starting" and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def _may_write(sql: Any) -> bool:
+    match = _FIRST_WORD.match(sql) if isinstance(sql, str) else None
+    return match is None or match.group(1).upper() not in _READ_ONLY
+
+
+def _forget_connections_after_fork() -> None:
+    """In a forked child (gunicorn --preload), drop without closing the
+    replicated connections inherited from the parent: SQLite connections
+    must not cross fork(), and closing one here could act on the parent's
+    locks. The child opens its own."""
+    for wrapper in list(_live):
+        # Only replicated (file) connections: Django's parallel test runner
+        # relies on forked children keeping their copy of an in-memory one.
+        if wrapper.connection is not None and wrapper._sqlrepl_active:
+            _inherited.append(wrapper.connection)
+            wrapper.connection = None
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
