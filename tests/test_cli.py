@@ -46,7 +46,9 @@ def replicated(tmp_path: Path) -> tuple[str, str]:
     return db, url
 
 
-@pytest.mark.parametrize("command", ["restore", "replicate", "generations", "snapshots", "segments", "verify", "demo"])
+@pytest.mark.parametrize(
+    "command", ["restore", "replicate", "generations", "snapshots", "segments", "verify", "demo"]
+)
 def test_every_subcommand_has_help(command: str) -> None:
     """``--help`` on each subcommand explains it and its arguments."""
     out = cli(command, "--help")

@@ -43,9 +43,14 @@ def test_with_block_rolls_back_on_error(db_path: str, tmp_path: Path) -> None:
     url = file_url(tmp_path / "r")
     with sqlrepl.connect(db_path, url, options=fast_options()) as conn:
         conn.execute("CREATE TABLE t(x)")
-    with pytest.raises(ZeroDivisionError), sqlrepl.connect(db_path, url) as conn:
-        conn.execute("INSERT INTO t VALUES (1)")
-        1 / 0  # noqa: B018
+
+    def fail_inside() -> None:
+        with sqlrepl.connect(db_path, url) as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail_inside()
     with sqlite3.connect(db_path) as check:
         assert check.execute("SELECT count(*) FROM t").fetchone() == (0,)
 

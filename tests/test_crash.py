@@ -42,8 +42,10 @@ while True:
     big = rnd.random() < 0.03
     for _ in range(rows):
         seq += 1
-        conn.execute("INSERT INTO log VALUES (?, ?)", (seq, os.urandom(rnd.randint(10, 30000 if big else 300))))
-    conn.execute("INSERT OR REPLACE INTO churn VALUES (?, ?)", (rnd.randint(1, 500), os.urandom(rnd.randint(10, 2000))))
+        pad = os.urandom(rnd.randint(10, 30000 if big else 300))
+        conn.execute("INSERT INTO log VALUES (?, ?)", (seq, pad))
+    churn = (rnd.randint(1, 500), os.urandom(rnd.randint(10, 2000)))
+    conn.execute("INSERT OR REPLACE INTO churn VALUES (?, ?)", churn)
     if rnd.random() < 0.05:
         conn.execute("DELETE FROM churn WHERE k % 5 = ?", (rnd.randint(0, 4),))
     conn.commit()

@@ -108,7 +108,7 @@ def test_read_only_database_is_not_in_wal_mode(db_path: str, tmp_path: Path) -> 
     plain.execute("CREATE TABLE t(x)")
     plain.commit()
     plain.close()
-    with pytest.raises(sqlrepl.WalModeError, match="cannot put the database in WAL mode.*readonly"):
+    with pytest.raises(sqlrepl.WalModeError, match=r"cannot put the database in WAL mode.*readonly"):
         sqlrepl.connect(f"file:{db_path}?mode=ro", file_url(tmp_path / "r"), uri=True)
 
 

@@ -70,8 +70,8 @@ def test_restore_to_timestamp(
     t_a, t_b = history["A"][1], history["B"][1]
     forms: list[object] = [
         t_a,
-        dt.datetime.fromtimestamp(t_a, dt.timezone.utc),
-        dt.datetime.fromtimestamp(t_a, dt.timezone.utc).isoformat(),
+        dt.datetime.fromtimestamp(t_a, dt.UTC),
+        dt.datetime.fromtimestamp(t_a, dt.UTC).isoformat(),
     ]
     for i, when in enumerate(forms):
         out = tmp_path / f"ts-{i}.db"

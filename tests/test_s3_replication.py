@@ -271,7 +271,7 @@ def test_restore_larger_than_memory(s3_url: str, db_path: str, tmp_path: Path) -
             text=True,
             timeout=900,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
-            preexec_fn=enter_group,  # noqa: PLW1509 - only writes a pid to a file
+            preexec_fn=enter_group,
             check=False,
         )
         peak_group = int((group / "memory.max_usage_in_bytes").read_text()) if group else 0

@@ -102,7 +102,8 @@ def test_salt_mismatch_after_checkpoint_restart(tmp_path: Path, db: Path) -> Non
     after = _frozen_wal(tmp_path, conn, db)
     assert len(after) == len(before)  # old frames still in the file
     scan = _wal.scan_wal(after)
-    assert scan.header is not None and old.header is not None
+    assert scan.header is not None
+    assert old.header is not None
     assert scan.header.salt != old.header.salt
     assert scan.header.salt1 == old.header.salt1 + 1
     assert scan.header.checkpoint_seq == old.header.checkpoint_seq + 1
@@ -125,7 +126,8 @@ def test_wal_restarted_under_reader(tmp_path: Path, db: Path) -> None:
     assert _wal.scan_wal(b"").header is None
     _commits(conn, 3)
     second = _wal.read_index_header(fd)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert second.salt != first.salt
     assert second.max_frame == 3
     live = _wal.scan_wal((Path(str(db) + "-wal")).read_bytes())
@@ -154,7 +156,8 @@ def test_big_endian_checksums(tmp_path: Path, db: Path) -> None:
         s = _wal.checksum(bytes(data[off + 24 : off + step]), *s, True)
         struct.pack_into(">II", data, off + 16, *s)
     scan = _wal.scan_wal(bytes(data))
-    assert scan.header is not None and scan.header.big_endian_checksum
+    assert scan.header is not None
+    assert scan.header.big_endian_checksum
     assert len(scan.commit_frames) == 7
     # And the same bytes read as little-endian fail at once.
     struct.pack_into(">I", data, 0, 0x377F0682)
