@@ -155,6 +155,20 @@ def connect(
 
 
 def _prepare(conn: sqlite3.Connection, path: str | None) -> None:
+    # With Python 3.12's autocommit=False a transaction is always open, and
+    # SQLite changes journal modes only outside one: step out for a moment.
+    # (setattr: the attribute does not exist before 3.12, for mypy either.)
+    pep249 = getattr(conn, "autocommit", None) is False
+    if pep249:
+        setattr(conn, "autocommit", True)  # noqa: B010
+    try:
+        _set_wal(conn, path)
+    finally:
+        if pep249:
+            setattr(conn, "autocommit", False)  # noqa: B010
+
+
+def _set_wal(conn: sqlite3.Connection, path: str | None) -> None:
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     except sqlite3.Error as exc:

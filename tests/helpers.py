@@ -44,6 +44,17 @@ def integrity(path: str | os.PathLike[str]) -> list[tuple[str]]:
         conn.close()
 
 
+def query(path: str | os.PathLike[str], sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Run one statement on ``path`` in a connection of its own, closed after."""
+    conn = sqlite3.connect(os.fspath(path), timeout=30)
+    try:
+        rows = conn.execute(sql, params).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
 def assert_same_database(source: str | os.PathLike[str], restored: str | os.PathLike[str]) -> None:
     """``restored`` passes integrity_check and holds what ``source`` holds."""
     assert integrity(restored) == [("ok",)]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url, make_db, run_python
+from helpers import ROOT, assert_same_database, fast_options, file_url, make_db, query, run_python
 
 import sqlrepl
 
@@ -87,8 +86,7 @@ def test_restore_and_verify(replicated: tuple[str, str], tmp_path: Path) -> None
     ok = cli("verify", db, url)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("OK")
-    with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO t(v) VALUES ('not replicated')")
+    query(db, "INSERT INTO t(v) VALUES ('not replicated')")
     bad = cli("verify", db, url)
     assert bad.returncode == 1
     assert bad.stdout.startswith("DIFFERENT")
@@ -101,8 +99,8 @@ def test_restore_point_in_time(replicated: tuple[str, str], tmp_path: Path) -> N
     out = tmp_path / "old.db"
     done = cli("restore", str(out), url, "--txid", str(snaps[0]["txid"]))
     assert done.returncode == 0, done.stderr
-    with sqlite3.connect(out) as conn:
-        n = conn.execute("SELECT count(*) FROM t").fetchone()[0]
+    [(n,)] = query(out, "SELECT count(*) FROM t")
+    assert isinstance(n, int)
     assert n < 20
 
 

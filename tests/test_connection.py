@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_database, fast_options, file_url, restore_fresh
+from helpers import assert_same_database, fast_options, file_url, query, restore_fresh
 
 import sqlrepl
 from sqlrepl import _replica_memory
@@ -35,7 +35,7 @@ def test_with_block_commits_then_closes(db_path: str, tmp_path: Path) -> None:
         conn.execute("SELECT 1")
     sqlrepl.sync(db_path)
     restore_fresh(url, tmp_path / "restored.db")
-    assert sqlite3.connect(tmp_path / "restored.db").execute("SELECT x FROM t").fetchall() == [(1,)]
+    assert query(tmp_path / "restored.db", "SELECT x FROM t") == [(1,)]
 
 
 def test_with_block_rolls_back_on_error(db_path: str, tmp_path: Path) -> None:
@@ -51,8 +51,7 @@ def test_with_block_rolls_back_on_error(db_path: str, tmp_path: Path) -> None:
 
     with pytest.raises(ZeroDivisionError):
         fail_inside()
-    with sqlite3.connect(db_path) as check:
-        assert check.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    assert query(db_path, "SELECT count(*) FROM t") == [(0,)]
 
 
 def test_commits_not_through_commit_are_captured(db_path: str, tmp_path: Path) -> None:
@@ -81,7 +80,7 @@ def test_python312_autocommit_attribute(db_path: str, tmp_path: Path) -> None:
         conn.execute("INSERT INTO t VALUES (42)")
     sqlrepl.sync(db_path)
     restore_fresh(url, tmp_path / "restored.db")
-    assert sqlite3.connect(tmp_path / "restored.db").execute("SELECT x FROM t").fetchall() == [(42,)]
+    assert query(tmp_path / "restored.db", "SELECT x FROM t") == [(42,)]
 
 
 def test_durability_replicated_waits_for_the_replica(db_path: str, tmp_path: Path) -> None:
@@ -98,7 +97,7 @@ def test_durability_replicated_waits_for_the_replica(db_path: str, tmp_path: Pat
         assert time.monotonic() - t0 < 10
         out = tmp_path / f"after-{i}.db"
         restore_fresh(url, out)
-        assert sqlite3.connect(out).execute("SELECT count(*) FROM t").fetchone() == (i + 1,)
+        assert query(out, "SELECT count(*) FROM t") == [(i + 1,)]
     conn.close()
 
 
@@ -116,8 +115,7 @@ def test_durability_replicated_with_a_failing_store(db_path: str, tmp_path: Path
     conn.execute("INSERT INTO t VALUES (1)")
     with pytest.raises(sqlrepl.SyncTimeoutError):
         conn.commit()
-    with sqlite3.connect(db_path) as check:
-        assert check.execute("SELECT x FROM t").fetchall() == [(1,)]
+    assert query(db_path, "SELECT x FROM t") == [(1,)]
     conn.close()
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, integrity
+from helpers import ROOT, integrity, query
 
 import sqlrepl
 
@@ -162,4 +162,4 @@ for i in range(100):
     assert time.monotonic() - t0 < 20
     restored = tmp_path / "restored.db"
     assert sqlrepl.restore(str(restored), url) is not None
-    assert sqlite3.connect(restored).execute("SELECT count(*) FROM t").fetchone() == (100,)
+    assert query(restored, "SELECT count(*) FROM t") == [(100,)]

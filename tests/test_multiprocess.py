@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url, integrity, run_python
+from helpers import ROOT, assert_same_database, fast_options, file_url, integrity, query, run_python
 
 import sqlrepl
 
@@ -181,7 +181,7 @@ def test_sync_from_a_standby_process(tmp_path: Path) -> None:
     assert float(seconds) < 4  # well under the 5 s interval: the peer was asked
     restored = tmp_path / "restored.db"
     assert sqlrepl.restore(str(restored), url) is not None
-    assert sqlite3.connect(restored).execute("SELECT x FROM t").fetchall() == [("from the standby",)]
+    assert query(restored, "SELECT x FROM t") == [("from the standby",)]
     conn.close()
 
 
@@ -222,9 +222,7 @@ def test_fork_after_connect(tmp_path: Path) -> None:
     assert "child exit 0" in out.stdout
     restored = tmp_path / "restored.db"
     assert sqlrepl.restore(str(restored), url) is not None
-    rows = (
-        sqlite3.connect(restored).execute("SELECT who, count(*) FROM t GROUP BY who ORDER BY who").fetchall()
-    )
+    rows = query(restored, "SELECT who, count(*) FROM t GROUP BY who ORDER BY who")
     assert rows == [("child", 50), ("parent", 50)]
 
 

@@ -6,15 +6,29 @@ import os
 import shutil
 import sqlite3
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sqlrepl import _wal
 
+_open: list[sqlite3.Connection] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_writers() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
 
 def _writer(path: Path, *, page_size: int = 4096) -> sqlite3.Connection:
+    """A connection writing ``path`` in WAL mode, never checkpointing, closed
+    at the end of the test (closing earlier would checkpoint and delete the
+    WAL under inspection)."""
     conn = sqlite3.connect(path, isolation_level=None)
+    _open.append(conn)
     conn.execute(f"PRAGMA page_size={page_size}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA wal_autocheckpoint=0")
