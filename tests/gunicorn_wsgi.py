@@ -6,19 +6,44 @@ warms a cache at import would.
 
 It waits until the master's replicator runs: a fork while it is still
 starting hits an engine issue of its own (see test_gunicorn.py).
+
+``GET /fork-check`` (answered here, before Django's request handling, which
+would close and reopen the connection) says whether the worker's Django
+connection is still the one the master opened.
 """
 
+import json
+import os
 import time
 
-from django.db import connection
-from exampleproject.wsgi import application
+from django.db import connection, connections
+from exampleproject.wsgi import application as django_application
 from items.models import Item
 
 import sqlrepl
 
 WARM_COUNT = Item.objects.count()
+WARM_CONNECTION = connection.connection
 _deadline = time.monotonic() + 30
 while sqlrepl.status(connection.settings_dict["NAME"]).role == "starting" and time.monotonic() < _deadline:
     time.sleep(0.01)
+
+
+def application(environ, start_response):  # type: ignore[no-untyped-def]
+    if environ.get("PATH_INFO") != "/fork-check":
+        return django_application(environ, start_response)
+    wrapper = connections["default"]
+    inherited = wrapper.connection is not None and wrapper.connection is WARM_CONNECTION
+    wrapper.ensure_connection()
+    body = json.dumps(
+        {
+            "pid": os.getpid(),
+            "inherited": inherited,
+            "usable": wrapper.connection.execute("SELECT 1").fetchone()[0],
+        }
+    ).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
 
 __all__ = ["WARM_COUNT", "application"]

@@ -288,6 +288,13 @@ def test_preload_with_a_connection_opened_before_fork(
     db = tmp_path / "db.sqlite3"
     # The master opened the database first, so its replicator holds the lock.
     assert wait_for_holder(db, lambda: {server.proc.pid}) == server.proc.pid
+    checked = {}
+    for _ in range(20):  # before any Django request: nothing has reopened the connection yet
+        status, body = request(server.port, "GET", "/fork-check")
+        assert status == 200
+        checked[body["pid"]] = body["inherited"]
+    assert set(checked) <= server.workers()
+    assert not any(checked.values()), checked  # no worker uses the master's SQLite connection
     load = Load(server.port, threads=4)
     try:
         load.wait_for(150, timeout=60)
