@@ -15,6 +15,8 @@ connection is still the one the master opened.
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from django.db import connection, connections
 from exampleproject.wsgi import application as django_application
@@ -29,7 +31,7 @@ while sqlrepl.status(connection.settings_dict["NAME"]).role == "starting" and ti
     time.sleep(0.01)
 
 
-def application(environ, start_response):  # type: ignore[no-untyped-def]
+def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     if environ.get("PATH_INFO") != "/fork-check":
         return django_application(environ, start_response)
     wrapper = connections["default"]

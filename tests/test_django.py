@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -277,6 +278,7 @@ def test_replicated_durability_waits_for_the_replica(tmp_path: Path) -> None:
     assert seen["raw"] == [["updated", "atomic 2"], True]
 
 
+@pytest.mark.slow
 def test_replica_timeout_raises_after_local_commit(tmp_path: Path) -> None:
     """When the replica cannot be written, a replicated write raises
     SyncTimeoutError; the data is committed locally and on_commit callbacks run."""
@@ -331,6 +333,24 @@ def test_restore_at_startup_once(tmp_path: Path) -> None:
     assert proc.stderr.count(f"restored {db['NAME']} from") == 1, proc.stderr
     assert "restore skipped" not in proc.stderr
     assert integrity(db["NAME"]) == [("ok",)]
+
+
+def test_unreachable_replica_stops_the_first_connection(tmp_path: Path) -> None:
+    """A missing database whose replica cannot be reached is not created
+    empty: the connection fails with the replica's error."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db = database(tmp_path, replica=f"s3://bucket/prefix?endpoint=http://127.0.0.1:{port}&region=us-east-1")
+    env = {"AWS_ACCESS_KEY_ID": "K", "AWS_SECRET_ACCESS_KEY": "S", "AWS_EC2_METADATA_DISABLED": "true"}
+    code = """
+    try:
+        Item.objects.count()
+    except sqlrepl.ReplicaUnavailableError as exc:
+        out(str(exc))
+    """
+    assert "Connection refused" in last_json(run_django(db, code, **env))
+    assert not Path(db["NAME"]).exists()
 
 
 def test_no_restore_when_disabled(tmp_path: Path) -> None:
@@ -555,6 +575,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_management_command(tmp_path: Path) -> None:
     """``sqlrepl status`` reports the replicator and generations (standby when
     another process replicates), ``verify`` passes, and ``restore`` restores

@@ -320,6 +320,7 @@ def test_preload_with_a_connection_opened_before_fork(
     " replicating process and waits out its timeout",
     strict=True,
 )
+@pytest.mark.slow
 def test_sync_in_a_process_that_just_started_standing_by(tmp_path: Path) -> None:
     """A process that starts while another one replicates can sync() at once
     (a new gunicorn worker's first replicated write does)."""
