@@ -743,17 +743,28 @@ class Replicator:
         for r in self._replicas:
             self._kick(r)
 
+    def _newest_snapshot(self) -> _Obj | None:
+        """The newest staged snapshot of the current generation."""
+        snaps = [o for o in self._staged if o.kind == _SNAPSHOT and o.generation == self._generation]
+        return max(snaps, key=lambda o: o.first, default=None)
+
     def _role_of(self, r: _Replica, obj: _Obj) -> str:
-        """``done``, ``upload`` (next in order for this replica) or ``useless``."""
+        """``done``; ``upload`` (next in order for this replica); ``later``
+        (needed once the ones before it are uploaded); or ``useless``."""
         if obj.key in r.uploaded:
             return "done"
         if obj.generation != r.generation:
-            return "upload" if obj.generation == self._generation and obj.kind == _SNAPSHOT else "useless"
+            # A replica joining the current generation needs one snapshot:
+            # the newest (older ones would only pile up while it is down).
+            return "upload" if obj is self._newest_snapshot() else "useless"
         if obj.kind == _SNAPSHOT:
             return "upload" if obj.first >= r.txid else "useless"
         if obj.last <= r.txid:
             return "useless"
-        return "upload" if obj.first == r.txid + 1 else "useless"
+        # Staged segments of one generation form an unbroken chain, so one
+        # past the next is needed later. (Should a chain ever break, the
+        # replica asks for a snapshot, and its txid then jumps past them.)
+        return "upload" if obj.first == r.txid + 1 else "later"
 
     def _next_for(self, r: _Replica) -> _Obj | str | None:
         """The next object ``r`` should upload; ``"snapshot"`` if it needs a
@@ -861,11 +872,14 @@ class Replicator:
             )
         elif total < opts.staging_soft_limit:
             self._soft_warned = False
-        if total < opts.staging_hard_limit:
+        # The newest snapshot is the least any replica can need (to resync):
+        # the hard limit bounds the queue beyond it.
+        newest = self._newest_snapshot()
+        if total - (newest.size if newest else 0) < opts.staging_hard_limit:
             return
         dropped = []
         for r in self._replicas:
-            if r.last_error is not None:
+            if r.last_error is not None and (r.generation is not None or r.uploaded):
                 dropped.append(r.url)
                 r.generation, r.txid, r.uploaded = None, 0, set()
                 self._staging.write_json(r.state_path, r.as_json())

@@ -1,0 +1,135 @@
+"""Snapshots, retention and the bounds on local staging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+from helpers import assert_same_database, fast_options, file_url, restore_fresh
+
+import sqlrepl
+from sqlrepl import _format, _replica_memory
+
+
+def _keys(folder: Path) -> list[_format.SnapshotKey | _format.SegmentKey]:
+    out = []
+    for path in folder.rglob("*"):
+        parsed = _format.parse_key(path.relative_to(folder).as_posix())
+        if parsed is not None:
+            out.append(parsed)
+    return out
+
+
+def _staged_bytes(db: str) -> int:
+    root = Path(db + "-sqlrepl") / "objects"
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_snapshots_when_segments_outweigh_the_last_one(db_path: str, tmp_path: Path) -> None:
+    """Once the segments since the last snapshot outweigh it, a new snapshot
+    is taken, and a restore starts from it (reading few objects)."""
+    url = file_url(tmp_path / "replica")
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    for _ in range(60):  # ~3 MiB of incompressible pages, over many segments
+        conn.execute("INSERT OR REPLACE INTO t VALUES (abs(random()) % 200, randomblob(50000))")
+        conn.commit()
+        time.sleep(0.01)
+    sqlrepl.sync(db_path)
+    conn.close()
+    snapshots = [k for k in _keys(tmp_path / "replica") if isinstance(k, _format.SnapshotKey)]
+    assert len(snapshots) >= 2
+    result = restore_fresh(url, tmp_path / "restored.db")
+    segments_after = [
+        k
+        for k in _keys(tmp_path / "replica")
+        if isinstance(k, _format.SegmentKey) and k.first_txid > max(s.txid for s in snapshots)
+    ]
+    assert result.objects == 1 + len(segments_after)
+    assert_same_database(db_path, tmp_path / "restored.db")
+
+
+@pytest.mark.slow
+def test_retention_removes_old_history(db_path: str, tmp_path: Path) -> None:
+    """With a short retention, snapshots and segments older than the newest
+    snapshot before the horizon disappear; the newest state still restores,
+    and a point before the horizon is refused."""
+    url = file_url(tmp_path / "replica")
+    opts = fast_options(retention=1.5, retention_check_interval=0.3, snapshot_interval=0.5)
+    conn = sqlrepl.connect(db_path, url, options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    sqlrepl.sync(db_path)
+    first_txid = sqlrepl.status(db_path).txid
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 4.5:
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(300))")
+        conn.commit()
+        time.sleep(0.02)
+    sqlrepl.sync(db_path)
+    deadline = time.monotonic() + 10
+    while any(
+        isinstance(k, _format.SnapshotKey) and k.txid == first_txid for k in _keys(tmp_path / "replica")
+    ):
+        assert time.monotonic() < deadline, "retention never removed the first snapshot"
+        time.sleep(0.1)
+    conn.close()
+    keys = _keys(tmp_path / "replica")
+    oldest_snapshot = min(k.txid for k in keys if isinstance(k, _format.SnapshotKey))
+    assert all(k.last_txid > oldest_snapshot for k in keys if isinstance(k, _format.SegmentKey))
+    restore_fresh(url, tmp_path / "latest.db")
+    assert_same_database(db_path, tmp_path / "latest.db")
+    with pytest.raises(sqlrepl.PointInTimeError):
+        sqlrepl.restore(str(tmp_path / "old.db"), url, txid=first_txid)
+
+
+@pytest.mark.slow
+def test_staging_hard_limit_drops_a_failing_replicas_queue(
+    db_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica that keeps failing while staging passes its hard limit loses
+    its queue (with an error), not the data: the healthy replica keeps every
+    segment, staging shrinks back, and once the failing store recovers it gets
+    a fresh snapshot and is complete again."""
+    name = f"flaky-{os.getpid()}-{time.monotonic_ns()}"
+    good = file_url(tmp_path / "good")
+    opts = fast_options(staging_soft_limit=200_000, staging_hard_limit=600_000, snapshot_interval=3600)
+    conn = sqlrepl.connect(db_path, [good, f"memory://{name}"], options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    sqlrepl.sync(db_path)  # both replicas have the generation's base
+    _replica_memory.fail_next(name, 1_000_000)
+    for _ in range(40):
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(30000))")
+        conn.commit()
+        time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while "hard limit" not in caplog.text:
+        assert time.monotonic() < deadline, "the hard limit was never reached"
+        time.sleep(0.05)
+    assert any(r.levelno == logging.WARNING and "soft limit" in r.getMessage() for r in caplog.records)
+    assert caplog.text.count("hard limit") == 1  # said once, not at every capture
+    # The healthy replica is complete, and staging holds no queue: at most the
+    # fresh snapshot the failing replica will need, plus the latest segment.
+    deadline = time.monotonic() + 30
+    while True:
+        st = sqlrepl.status(db_path)
+        if st.staged_objects <= 2 and st.replicas[0].txid == st.txid:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    _replica_memory._failures[name].clear()
+    sqlrepl.sync(db_path, timeout=30)
+    conn.close()
+    for url in (good, f"memory://{name}"):
+        out = tmp_path / f"restored-{url[:4]}.db"
+        restore_fresh(url, out)
+        assert_same_database(db_path, out)
+    # The folder replica kept its whole history: one unbroken chain.
+    keys = _keys(tmp_path / "good")
+    segments = sorted(k for k in keys if isinstance(k, _format.SegmentKey))
+    assert all(b.first_txid == a.last_txid + 1 for a, b in zip(segments, segments[1:], strict=False))
