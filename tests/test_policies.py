@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -132,4 +133,4 @@ def test_staging_hard_limit_drops_a_failing_replicas_queue(
     # The folder replica kept its whole history: one unbroken chain.
     keys = _keys(tmp_path / "good")
     segments = sorted(k for k in keys if isinstance(k, _format.SegmentKey))
-    assert all(b.first_txid == a.last_txid + 1 for a, b in zip(segments, segments[1:], strict=False))
+    assert all(b.first_txid == a.last_txid + 1 for a, b in itertools.pairwise(segments))
