@@ -32,6 +32,9 @@ import sqlrepl
 EXAMPLE = ROOT / "examples" / "django"
 TESTS = Path(__file__).resolve().parent
 
+# gunicorn needs fork(); the replicating worker is found in /proc/locks.
+pytestmark = pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
