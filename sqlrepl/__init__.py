@@ -13,7 +13,7 @@ See README.md and docs/ for the guarantees and the replica format.
 
 from __future__ import annotations
 
-from ._connection import Connection, connect, status, sync
+from ._connection import Connection, connect, status, sync, sync_async
 from ._errors import (
     ConfigError,
     CorruptObjectError,
@@ -42,6 +42,7 @@ __all__ = [
     # replicate
     "connect",
     "sync",
+    "sync_async",
     "status",
     "stop_all",
     "Connection",

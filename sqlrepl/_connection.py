@@ -8,10 +8,12 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import anyio.to_thread
+
 from ._errors import ConfigError, WalModeError
 from ._replicator import Options, Replicator, Status, get_replicator
 
-__all__ = ["Connection", "connect", "status", "sync"]
+__all__ = ["Connection", "connect", "status", "sync", "sync_async"]
 
 Durability = Literal["async", "replicated"]
 _MEMORY = (":memory:", "")
@@ -199,6 +201,19 @@ def sync(database: str | os.PathLike[str], timeout: float | None = 30.0) -> None
             f"{os.fspath(database)} is not replicated by this process (use sqlrepl.connect first)"
         )
     rep.sync(timeout)
+
+
+async def sync_async(database: str | os.PathLike[str], timeout: float | None = 30.0) -> None:
+    """:func:`sync` for async code (anyio: asyncio or trio): waits in a
+    worker thread, so the event loop keeps running. Cancelling the caller
+    stops the wait (the replication itself goes on)."""
+    path = _database_path(database)
+    rep = get_replicator(path) if path is not None else None
+    if rep is None:
+        raise ConfigError(
+            f"{os.fspath(database)} is not replicated by this process (use sqlrepl.connect first)"
+        )
+    await anyio.to_thread.run_sync(rep.sync, timeout, abandon_on_cancel=True)
 
 
 def status(database: str | os.PathLike[str]) -> Status:

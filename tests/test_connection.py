@@ -173,3 +173,41 @@ def test_status_counts_requests(db_path: str, tmp_path: Path) -> None:
     assert st.replicas[0].requests["PUT"] >= 1
     assert st.replicas[0].requests["bytes_up"] > 0
     conn.close()
+
+
+@pytest.mark.anyio
+async def test_async_face(db_path: str, tmp_path: Path) -> None:
+    """From async code: sync_async waits without blocking the event loop (a
+    store failing its first requests makes the wait last), and restore_async
+    restores."""
+    import anyio
+
+    name = f"slow-{os.getpid()}-{time.monotonic_ns()}"
+    url = f"memory://{name}"
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t(x)")
+    conn.commit()
+    sqlrepl.sync(db_path)
+    _replica_memory.fail_next(name, 3)  # retried with backoff: 0.25 s, 0.5 s, 1 s
+    conn.execute("INSERT INTO t VALUES ('async')")
+    conn.commit()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    t0 = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await sqlrepl.sync_async(db_path, timeout=30)
+        tg.cancel_scope.cancel()
+    waited = time.monotonic() - t0
+    assert waited > 0.3
+    assert ticks >= 10  # the loop ran all along
+    result = await sqlrepl.restore_async(tmp_path / "restored.db", url)
+    assert result is not None
+    assert query(tmp_path / "restored.db", "SELECT x FROM t") == [("async",)]
+    conn.close()
