@@ -203,7 +203,7 @@ def sync(database: str | os.PathLike[str], timeout: float | None = 30.0) -> None
     rep.sync(timeout)
 
 
-async def sync_async(database: str | os.PathLike[str], timeout: float | None = 30.0) -> None:
+async def sync_async(database: str | os.PathLike[str], timeout: float | None = 30.0) -> None:  # noqa: ASYNC109 - same contract as sync(): a SyncTimeoutError that names the lagging replica
     """:func:`sync` for async code (anyio: asyncio or trio): waits in a
     worker thread, so the event loop keeps running. Cancelling the caller
     stops the wait (the replication itself goes on)."""
