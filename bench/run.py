@@ -62,7 +62,7 @@ FULL: dict[str, Any] = {
         "mixed": {"duration": 30, "threads": 8, "seed_rows": 200_000, "write_share": 0.1},
     },
     "repeat": 3,
-    "bandwidth_bytes": 1 << 30,
+    "bandwidth_bytes": 512 << 20,
     "bandwidth_trials": 3,
 }
 QUICK: dict[str, Any] = {
