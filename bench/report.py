@@ -503,8 +503,9 @@ CAVEATS = """\
   takes the WAL past 1000 pages (copying and fsyncing the database file);
   Litestream's read transaction and sqlrepl's own checkpointing move that
   work out of the app's commit path. So for large writes a replicated way
-  can commit faster than `none`: a throughput ratio above 1 there is this
-  effect, not noise.
+  can commit faster than `none` (on the 2-core machine of the quick run, a
+  10,000-row commit took 42 ms with automatic checkpoints and 17 ms without;
+  bulk loading ran at 129 vs 169 MB/s).
 - Latency percentiles of `large` and `bulk` are over few transactions, and
   "per 10k transactions" figures of those two workloads are extrapolations
   from a few dozen transactions: read their bytes-uploaded ratio instead.
