@@ -511,6 +511,15 @@ CAVEATS = """\
   from a few dozen transactions: read their bytes-uploaded ratio instead.
 - Restore times of small databases are mostly fixed costs (listing and
   planning for both; process start for Litestream).
+- Restores run right after the workload. Litestream's newest data is then in
+  level-0/1 LTX files (its log shows compaction monitors for level 1 every
+  30 s, level 2 every 5 min, level 3 hourly and snapshots daily), so its
+  restore reads the files of the whole run; sqlrepl restores from its newest
+  snapshot plus the segments after it. A restore long after the writes
+  stopped could look different for Litestream.
+- sqlrepl is measured as installed (editable) at the time of the run: the
+  `git` revision in the machine table, plus any uncommitted changes in the
+  working tree.
 - Lag is sampled by one marker every 250 ms, so a run yields about four
   samples a second; p99 of a 30 s run is close to its maximum.
 - The lag figure needs one restore per position reached during the run (done
