@@ -40,8 +40,17 @@ import anyio.to_thread
 
 from . import _format
 from ._capture import Capture, CaptureRetry, ContinuityLost, Staged
-from ._errors import ConfigError, ReplicaError, StagingFullError, SyncTimeoutError, WalModeError
+from ._compact import merge_segments
+from ._errors import (
+    ConfigError,
+    CorruptObjectError,
+    ReplicaError,
+    StagingFullError,
+    SyncTimeoutError,
+    WalModeError,
+)
 from ._replica import ReplicaClient, open_replica, redact_url
+from ._restore import Generation, group_generations
 from ._staging import Staging
 
 __all__ = ["Options", "Replicator", "Status", "get_replicator", "stop_all"]
@@ -71,6 +80,14 @@ class Options:
     - ``retention``: keep what is needed to restore any point this far back
       (seconds); older generations, snapshots and segments are deleted.
       ``None`` keeps everything.
+    - ``compaction_interval``: merge the small segments uploaded over this
+      many seconds into one, uploaded beside them, so that restores read few
+      objects (``None``: never). ``compaction_max_bytes`` bounds the pages a
+      merge holds in memory; larger segments are left as they are.
+    - ``segment_retention``: delete small segments from the replicas this
+      long after a merged one covers them (seconds; ``None``: keep them).
+      Until then a point-in-time restore has one-interval resolution; after,
+      the merged segments' resolution.
     - ``staging_soft_limit`` / ``staging_hard_limit``: bytes of objects
       waiting in the staging directory before a warning / before the objects
       of replicas that keep failing are dropped (they get a fresh snapshot
@@ -87,6 +104,9 @@ class Options:
     snapshot_interval: float = 24 * 3600.0
     retention: float | None = 24 * 3600.0
     retention_check_interval: float = 3600.0
+    compaction_interval: float | None = 600.0
+    compaction_max_bytes: int = 64 << 20
+    segment_retention: float | None = 3600.0
     staging_soft_limit: int = 256 << 20
     staging_hard_limit: int = 2 << 30
     exit_timeout: float = 10.0
@@ -113,6 +133,9 @@ class _Obj:
     key: str
     path: str
     size: int
+    timestamp_ms: int = 0
+    compacted: bool = False  # a merge of segments every replica already has
+    page_bytes: int = 0  # uncompressed pages (known once read for compaction)
 
     @property
     def order(self) -> tuple[str, int, int]:
@@ -188,6 +211,7 @@ class Replicator:
         self._txid = 0
         self._replicas: list[_Replica] = []
         self._staged: list[_Obj] = []
+        self._window: list[_Obj] = []
         self._cond = threading.Condition()
         self._checked: tuple[int, str | None, int] = (0, None, 0)  # (monotonic ns, generation, txid)
         self._role = "starting"
@@ -494,10 +518,13 @@ class Replicator:
             pass
 
     def _load_replicas(self) -> None:
-        staged = self._staging.staged_keys()
-        self._staged = sorted(
-            (o for o in (self._obj_from_key(k) for k in staged) if o is not None), key=lambda o: o.order
-        )
+        staged = [self._obj_from_key(k) for k in self._staging.staged_keys()]
+        merged = [
+            self._obj_from_key(k, compacted=True) for k in self._staging.staged_keys(self._staging.compacted)
+        ]
+        self._staged = sorted((o for o in staged + merged if o is not None), key=lambda o: o.order)
+        window = [self._obj_from_key(k, window=True) for k in self._staging.staged_keys(self._staging.window)]
+        self._window = sorted((o for o in window if o is not None), key=lambda o: o.order)
         keys = {o.key for o in self._staged}
         self._replicas = []  # standby kept a view of the other process's; ours now
         for url, client in zip(self.urls, self._clients, strict=True):
@@ -514,17 +541,23 @@ class Replicator:
                 )
             )
 
-    def _obj_from_key(self, key: str) -> _Obj | None:
+    def _obj_from_key(self, key: str, *, compacted: bool = False, window: bool = False) -> _Obj | None:
         parsed = _format.parse_key(key)
-        path = self._staging.object_path(key)
+        root = self._staging.compacted if compacted else self._staging.window if window else None
+        path = self._staging.object_path(key, root)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
             return None
         if isinstance(parsed, _format.SnapshotKey):
-            return _Obj(parsed.generation, _SNAPSHOT, parsed.txid, parsed.txid, key, path, size)
+            return _Obj(
+                parsed.generation, _SNAPSHOT, parsed.txid, parsed.txid, key, path, size, parsed.timestamp_ms
+            )
         if isinstance(parsed, _format.SegmentKey):
-            return _Obj(parsed.generation, _SEGMENT, parsed.first_txid, parsed.last_txid, key, path, size)
+            first, last = parsed.first_txid, parsed.last_txid
+            return _Obj(
+                parsed.generation, _SEGMENT, first, last, key, path, size, parsed.timestamp_ms, compacted
+            )
         return None
 
     def _add_staged(self, staged: Staged) -> None:
@@ -580,6 +613,7 @@ class Replicator:
                 await anyio.sleep(0.05)
         self._generation = generation
         self._txid = capture.txid
+        self._drop_window()
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_size = os.stat(staged.path).st_size
@@ -633,6 +667,8 @@ class Replicator:
                     self._set_checked(looked)
                 if self._snapshot_wanted or self._snapshot_due():
                     await self._snapshot()
+                if self._compaction_due():
+                    await self._compact()
                 if await anyio.to_thread.run_sync(capture.wal_frames) >= opts.checkpoint_frames:
                     await self._checkpoint()
                 backoff = 0.05
@@ -753,6 +789,8 @@ class Replicator:
         (needed once the ones before it are uploaded); or ``useless``."""
         if obj.key in r.uploaded:
             return "done"
+        if obj.compacted:  # an extra copy of history the replica has: send it
+            return "upload" if obj.generation == r.generation else "useless"
         if obj.generation != r.generation:
             # A replica joining the current generation needs one snapshot:
             # the newest (older ones would only pile up while it is down).
@@ -846,16 +884,93 @@ class Replicator:
         self._publish_progress()
 
     def _collect_staged(self) -> None:
-        """Delete staged objects no replica needs any more."""
+        """Delete staged objects no replica needs any more; keep uploaded
+        small segments of the current generation for compaction."""
         keep = []
         for obj in self._staged:
             if all(self._role_of(r, obj) in ("done", "useless") for r in self._replicas):
-                self._staging.remove_object(obj.key)
+                if not self._to_window(obj):
+                    self._staging.remove_object(obj.key, self._staging.compacted if obj.compacted else None)
                 for r in self._replicas:
                     r.uploaded.discard(obj.key)
             else:
                 keep.append(obj)
         self._staged = keep
+
+    def _to_window(self, obj: _Obj) -> bool:
+        """Move an uploaded segment into the compaction window, if it belongs
+        there. False if the caller should delete it."""
+        opts = self.options
+        if (
+            opts.compaction_interval is None
+            or obj.kind != _SEGMENT
+            or obj.compacted
+            or obj.generation != self._generation
+            or not all(r.generation == obj.generation and obj.key in r.uploaded for r in self._replicas)
+        ):
+            return False
+        try:
+            with open(obj.path, "rb") as f:
+                header = _format.read_header(f.read(_format.HEADER_SIZE), key=obj.key)
+        except (OSError, CorruptObjectError):
+            return False
+        obj.page_bytes = header.page_count * header.page_size
+        if obj.page_bytes > opts.compaction_max_bytes // 4:
+            return False  # a big segment restores fast as it is
+        if self._window and self._window[-1].last + 1 != obj.first:
+            self._drop_window()  # not a chain (after a resync): start again
+        path = self._staging.object_path(obj.key, self._staging.window)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(obj.path, path)
+        obj.path = path
+        self._window.append(obj)
+        return True
+
+    def _drop_window(self) -> None:
+        for obj in self._window:
+            self._staging.remove_object(obj.key, self._staging.window)
+        self._window = []
+
+    def _compaction_due(self) -> bool:
+        opts = self.options
+        if not self._window or opts.compaction_interval is None:
+            return False
+        if self._window[0].generation != self._generation:
+            self._drop_window()
+            return False
+        if sum(o.page_bytes for o in self._window) >= opts.compaction_max_bytes:
+            return True
+        return time.time() * 1000 - self._window[0].timestamp_ms >= opts.compaction_interval * 1000
+
+    async def _compact(self) -> None:
+        """Merge the window into one segment, staged for every replica."""
+        window, self._window = self._window, []
+        if len(window) >= 2:
+            gen = window[0].generation
+
+            def merge() -> _format.ObjectHeader:
+                with self._staging.temp_object() as (f, finish):
+                    header = merge_segments([o.path for o in window], f)
+                    finish(
+                        _format.segment_key(gen, header.first_txid, header.last_txid, header.timestamp_ms),
+                        self._staging.compacted,
+                    )
+                return header
+
+            try:
+                header = await anyio.to_thread.run_sync(merge)
+            except Exception as exc:  # a bad window is not worth stopping for
+                log.error("compaction of txids %d-%d failed: %s", window[0].first, window[-1].last, exc)
+            else:
+                key = _format.segment_key(gen, header.first_txid, header.last_txid, header.timestamp_ms)
+                obj = self._obj_from_key(key, compacted=True)
+                assert obj is not None
+                if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
+                    self._staged.append(obj)
+                self._staged.sort(key=lambda o: o.order)
+                self._kick_all()
+        for obj in window:
+            self._staging.remove_object(obj.key, self._staging.window)
 
     def _check_staging_limits(self) -> None:
         total = sum(o.size for o in self._staged)
@@ -942,7 +1057,7 @@ class Replicator:
 
     async def _maintenance(self) -> None:
         """Apply retention now and then (never on the hot path)."""
-        if self.options.retention is None:
+        if self.options.retention is None and self.options.segment_retention is None:
             return
         await anyio.sleep(min(60.0, self.options.retention_check_interval))
         while True:
@@ -955,14 +1070,15 @@ class Replicator:
             await anyio.sleep(self.options.retention_check_interval)
 
     async def _apply_retention(self, r: _Replica) -> None:
-        from ._restore import group_generations
-
-        assert self.options.retention is not None
-        horizon = int((time.time() - self.options.retention) * 1000)
+        now = time.time()
+        retention = self.options.retention
+        horizon = int((now - retention) * 1000) if retention is not None else -1
         gens = group_generations(await r.client.list(_format.GENERATIONS))
         doomed: list[str] = []
         for gen in gens:
             if gen.id == self._generation:
+                doomed += self._covered_segments(gen, now)
+            if gen.id == self._generation and retention is not None:
                 # Keep the newest snapshot at or before the horizon and all after it.
                 old = [k for k, _ in gen.snapshots if k.timestamp_ms <= horizon]
                 if len(old) < 1:
@@ -970,12 +1086,38 @@ class Replicator:
                 base = max(old, key=lambda k: k.txid)
                 doomed += [k.key for k, _ in gen.snapshots if k.txid < base.txid]
                 doomed += [k.key for k, _ in gen.segments if k.last_txid <= base.txid]
-            elif gen.last_timestamp_ms < horizon and gen.id < (self._generation or ""):
+            elif (
+                retention is not None
+                and gen.last_timestamp_ms < horizon
+                and gen.id < (self._generation or "")
+            ):
                 doomed += [k.key for k, _ in gen.snapshots] + [k.key for k, _ in gen.segments]
+        doomed = sorted(set(doomed))
         for i in range(0, len(doomed), 1000):
             await r.client.delete(doomed[i : i + 1000])
         if doomed:
             log.info("retention removed %d objects from %s", len(doomed), r.url)
+
+    def _covered_segments(self, gen: Generation, now: float) -> list[str]:
+        """Small segments of ``gen`` that a merged segment covers and that
+        are older than ``segment_retention``."""
+        keep_for = self.options.segment_retention
+        if keep_for is None:
+            return []
+        limit = int((now - keep_for) * 1000)
+        merged = [k for k, _ in gen.segments if k.last_txid > k.first_txid]
+        out = []
+        for k, _ in gen.segments:
+            if k.timestamp_ms > limit:
+                continue
+            if any(
+                m.first_txid <= k.first_txid
+                and k.last_txid <= m.last_txid
+                and (m.first_txid, m.last_txid) != (k.first_txid, k.last_txid)
+                for m in merged
+            ):
+                out.append(k.key)
+        return out
 
 
 # -- the per-process registry -----------------------------------------------------

@@ -37,7 +37,9 @@ class Staging:
 
     def __init__(self, database: str) -> None:
         self.root = staging_dir_for(database)
-        self.objects = os.path.join(self.root, "objects")
+        self.objects = os.path.join(self.root, "objects")  # waiting for upload
+        self.compacted = os.path.join(self.root, "compacted")  # merged segments waiting for upload
+        self.window = os.path.join(self.root, "window")  # uploaded, kept for the next merge
         self.replicas = os.path.join(self.root, "replicas")
         self._lock_fd: int | None = None
 
@@ -116,8 +118,8 @@ class Staging:
 
     # -- staged objects ------------------------------------------------------
 
-    def object_path(self, key: str) -> str:
-        return os.path.join(self.objects, *key.split("/"))
+    def object_path(self, key: str, root: str | None = None) -> str:
+        return os.path.join(root or self.objects, *key.split("/"))
 
     @contextmanager
     def atomic_file(self, path: str) -> Iterator[IO[bytes]]:
@@ -140,21 +142,23 @@ class Staging:
                 os.unlink(tmp)
             raise
 
-    def staged_keys(self) -> list[str]:
-        """Keys of every staged object (complete files only), sorted."""
+    def staged_keys(self, root: str | None = None) -> list[str]:
+        """Keys of every object (complete files only) under ``root`` (default:
+        those waiting for upload), sorted."""
+        root = root or self.objects
         out = []
-        for folder, dirs, files in os.walk(self.objects):
+        for folder, dirs, files in os.walk(root):
             dirs.sort()
-            rel = os.path.relpath(folder, self.objects)
+            rel = os.path.relpath(folder, root)
             for name in files:
                 if name.startswith(".tmp-"):
                     continue
                 out.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
         return sorted(out)
 
-    def remove_object(self, key: str) -> None:
+    def remove_object(self, key: str, root: str | None = None) -> None:
         with suppress(FileNotFoundError):
-            os.unlink(self.object_path(key))
+            os.unlink(self.object_path(key, root))
 
     def remove_temp_files(self) -> None:
         """Delete temporaries left by a crash mid-write."""
@@ -184,10 +188,10 @@ class Staging:
         f = open(tmp, "w+b")  # noqa: SIM115 - closed below on every path
         done: list[str] = []
 
-        def finish(key: str) -> str:
+        def finish(key: str, root: str | None = None) -> str:
             f.flush()
             os.fsync(f.fileno())
-            path = self.object_path(key)
+            path = self.object_path(key, root)
             folder = os.path.dirname(path)
             os.makedirs(folder, exist_ok=True)
             os.replace(tmp, path)

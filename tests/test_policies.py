@@ -134,3 +134,54 @@ def test_staging_hard_limit_drops_a_failing_replicas_queue(
     keys = _keys(tmp_path / "good")
     segments = sorted(k for k in keys if isinstance(k, _format.SegmentKey))
     assert all(b.first_txid == a.last_txid + 1 for a, b in itertools.pairwise(segments))
+
+
+@pytest.mark.slow
+def test_compaction_merges_small_segments(db_path: str, tmp_path: Path) -> None:
+    """Small segments are merged into a few larger ones, uploaded beside them;
+    the small ones are then deleted, and a restore reads few objects, through
+    a VACUUM in the middle, with every checksum verified."""
+    url = file_url(tmp_path / "replica")
+    opts = fast_options(compaction_interval=0.6, segment_retention=0.0, retention_check_interval=0.3)
+    conn = sqlrepl.connect(db_path, url, options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    captures = 0
+    for i in range(150):
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(2000))")
+        conn.commit()
+        if i == 70:
+            conn.execute("DELETE FROM t WHERE id % 2 = 0")
+            conn.commit()
+            conn.execute("VACUUM")
+        time.sleep(0.02)
+    sqlrepl.sync(db_path)
+    txid = sqlrepl.status(db_path).txid
+    captures = sqlrepl.status(db_path).replicas[0].requests["PUT"]
+
+    def segments() -> list[_format.SegmentKey]:
+        return sorted(k for k in _keys(tmp_path / "replica") if isinstance(k, _format.SegmentKey))
+
+    deadline = time.monotonic() + 30
+    while True:
+        segs = segments()
+        if len(segs) <= captures // 4 and segs and segs[-1].last_txid == txid:
+            break
+        assert time.monotonic() < deadline, (captures, segs)
+        time.sleep(0.1)
+    conn.close()
+    # Still one unbroken chain from the snapshot to the last txid.
+    snapshot = min(k.txid for k in _keys(tmp_path / "replica") if isinstance(k, _format.SnapshotKey))
+    assert segs[0].first_txid == snapshot + 1
+    assert all(b.first_txid == a.last_txid + 1 for a, b in itertools.pairwise(segs))
+    assert max(k.last_txid - k.first_txid for k in segs) >= 10  # merged ones
+    result = restore_fresh(url, tmp_path / "restored.db")
+    assert result.txid == txid
+    assert result.objects == 1 + len(segs)
+    assert_same_database(db_path, tmp_path / "restored.db")
+    # A point inside a merged range restores to the range's start: the
+    # resolution the merged segments keep.
+    wide = max(segs, key=lambda k: k.last_txid - k.first_txid)
+    older = sqlrepl.restore(str(tmp_path / "older.db"), url, txid=(wide.first_txid + wide.last_txid) // 2)
+    assert older is not None
+    assert older.txid == wide.first_txid - 1
