@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import SplitResult, unquote
@@ -204,8 +205,16 @@ class FileReplicaClient:
             return out
 
         self._stats.requests["LIST"] += 1
-        if not await anyio.to_thread.run_sync(os.path.isdir, self._root):
-            return []
+        try:
+            st = await anyio.to_thread.run_sync(os.stat, self._root)
+        except FileNotFoundError:
+            return []  # nothing replicated here yet
+        except NotADirectoryError as exc:
+            raise ReplicaNotFoundError(
+                f"replica {self.url}: a part of the path is a file, not a folder", replica=self.url
+            ) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise ReplicaNotFoundError(f"replica {self.url} is a file, not a folder", replica=self.url)
         try:
             return await anyio.to_thread.run_sync(walk)
         except OSError as exc:

@@ -23,7 +23,9 @@ over from the recorded position when the holder dies, and meanwhile answer
 
 from __future__ import annotations
 
+import asyncio  # noqa: F401 - imported early on purpose, see below
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -52,6 +54,11 @@ from ._errors import (
 from ._replica import ReplicaClient, open_replica, redact_url
 from ._restore import Generation, group_generations
 from ._staging import Staging
+
+# Imported here, in whatever thread imports sqlrepl, rather than lazily by
+# anyio in the replicator thread: a fork() while that thread is half-way
+# through an import would leave the child with half-initialised modules.
+importlib.import_module("anyio._backends._asyncio")
 
 __all__ = ["Options", "Replicator", "Status", "get_replicator", "stop_all"]
 
@@ -274,9 +281,8 @@ class Replicator:
         with self._cond:
             self._sync_requests += 1
         self._wake()
-        if self._role == "standby":
-            self._nudge_peer(force=True)
         deadline = None if timeout is None else time.monotonic() + timeout
+        asked_peer = 0.0
         try:
             with self._cond:
                 while not self._synced(asked):
@@ -288,7 +294,15 @@ class Replicator:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise SyncTimeoutError(self._sync_timeout_message(timeout))
-                    self._cond.wait(0.2 if left is None else min(left, 0.2))
+                    standby = self._role == "standby"
+                    if standby and time.monotonic() - asked_peer > 1.0:
+                        # (Again now and then: the replicating process may
+                        # have changed, or missed a datagram.)
+                        self._nudge_peer(force=True)
+                        asked_peer = time.monotonic()
+                    # A standby learns of progress from a file: look often.
+                    step = 0.005 if standby else 0.2
+                    self._cond.wait(step if left is None else min(left, step))
                     if self._role == "standby":
                         self._read_progress_locked()
         finally:
@@ -316,10 +330,19 @@ class Replicator:
     def stop(self, *, flush: bool = True, timeout: float | None = None) -> None:
         """Stop the thread; with ``flush``, first capture and upload what is
         pending, for at most ``timeout`` seconds (default ``exit_timeout``)."""
+        self.request_stop(flush=flush, timeout=timeout)
+        self.join(timeout)
+
+    def request_stop(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Ask the thread to stop (see :meth:`stop`) without waiting for it."""
         timeout = self.options.exit_timeout if timeout is None else timeout
         self._stop_deadline = time.monotonic() + (timeout if flush else 0.0)
         self._stop.set()
         self._wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (``timeout`` plus a grace period)."""
+        timeout = self.options.exit_timeout if timeout is None else timeout
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout + 5.0)
@@ -467,6 +490,7 @@ class Replicator:
         with self._cond:
             self._role = "replicating"
             self._cond.notify_all()
+        self._publish_progress()  # standbys see the new holder's view at once
         async with anyio.create_task_group() as tg:
             for r in self._replicas:
                 tg.start_soon(self._uploader, r)
@@ -1164,13 +1188,12 @@ def stop_all(*, flush: bool = True, timeout: float | None = None) -> None:
     with _registry_lock:
         reps = list(_registry.values())
         _registry.clear()
-    threads = []
+    # Ask all first, then wait for each: their flushes overlap, and no new
+    # thread is needed (none can be started at interpreter shutdown).
     for rep in reps:
-        t = threading.Thread(target=rep.stop, kwargs={"flush": flush, "timeout": timeout}, daemon=True)
-        t.start()
-        threads.append(t)
-    for t in threads:
-        t.join()
+        rep.request_stop(flush=flush, timeout=timeout)
+    for rep in reps:
+        rep.join(timeout)
 
 
 def _after_fork_in_child() -> None:

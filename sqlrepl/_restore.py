@@ -15,7 +15,9 @@ database behind.
 from __future__ import annotations
 
 import array
+import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import secrets
@@ -23,7 +25,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -35,11 +37,13 @@ from ._errors import (
     DatabaseExistsError,
     NoBackupError,
     PointInTimeError,
+    ReplicaError,
     RestoreError,
     SqlreplError,
 )
 from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
-from ._replica import ObjectInfo, ReplicaClient, open_replica
+from ._replica import ObjectInfo, ReplicaClient, open_replica, redact_url
+from ._staging import staging_dir_for
 from ._wal import lock_page
 
 __all__ = [
@@ -324,9 +328,25 @@ def _move_aside(path: str) -> str | None:
     return aside
 
 
+@contextlib.asynccontextmanager
+async def _restore_lock(path: str) -> AsyncIterator[None]:
+    """Hold ``<database>-sqlrepl/restore.lock``: the workers of one app
+    start together, and without it two of them could both find the file
+    missing, and the second restore would replace the database (and move
+    aside the WAL) that the first one already writes to."""
+    folder = staging_dir_for(path)
+    await anyio.to_thread.run_sync(lambda: os.makedirs(folder, exist_ok=True))
+    fd = os.open(os.path.join(folder, "restore.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=True)
+        yield
+    finally:
+        os.close(fd)
+
+
 async def restore_async(
     database: str | os.PathLike[str],
-    replica: str | ReplicaClient,
+    replica: str | ReplicaClient | Sequence[str | ReplicaClient],
     *,
     if_db_not_exists: bool = True,
     if_replica_exists: bool = True,
@@ -338,14 +358,62 @@ async def restore_async(
 ) -> RestoreResult | None:
     """The async form of :func:`restore` (same arguments and result)."""
     path = os.path.abspath(os.fspath(database))  # noqa: ASYNC240 - string work and getcwd() only
-    if await anyio.Path(path).exists() and not overwrite:
-        if if_db_not_exists:
-            log.info("restore skipped: %s exists", path)
-            return None
-        raise DatabaseExistsError(
-            f"{path} exists; restore never overwrites a database unless asked (overwrite=True,"
-            " or --overwrite on the command line)"
-        )
+    replicas = [replica] if isinstance(replica, str | ReplicaClient) else list(replica)
+    if not replicas:
+        raise ConfigError("restore needs at least one replica URL")
+    async with _restore_lock(path):
+        # Checked under the lock: another process may have just restored it.
+        if await anyio.Path(path).exists() and not overwrite:
+            if if_db_not_exists:
+                log.info("restore skipped: %s exists", path)
+                return None
+            raise DatabaseExistsError(
+                f"{path} exists; restore never overwrites a database unless asked (overwrite=True,"
+                " or --overwrite on the command line)"
+            )
+        errors: list[SqlreplError] = []
+        for one in replicas:
+            try:
+                result = await _restore_from(
+                    path,
+                    one,
+                    if_replica_exists=if_replica_exists or len(replicas) > 1,
+                    timestamp=timestamp,
+                    txid=txid,
+                    generation=generation,
+                    parallelism=parallelism,
+                )
+            except (ReplicaError, CorruptObjectError, NoBackupError) as exc:
+                if len(replicas) == 1:
+                    raise
+                # An unreachable or damaged replica is not an empty one: try
+                # the next, and raise this if none restores.
+                log.warning("restore of %s from %s failed: %s", path, _url_of(one), exc)
+                errors.append(exc)
+                continue
+            if result is not None:
+                return result
+        if errors:
+            raise errors[0]
+        if not if_replica_exists:
+            raise NoBackupError(f"no replica of {path} holds a snapshot to restore from")
+        return None
+
+
+def _url_of(replica: str | ReplicaClient) -> str:
+    return redact_url(replica) if isinstance(replica, str) else replica.url
+
+
+async def _restore_from(
+    path: str,
+    replica: str | ReplicaClient,
+    *,
+    if_replica_exists: bool,
+    timestamp: dt.datetime | float | int | str | None,
+    txid: int | None,
+    generation: str | None,
+    parallelism: int,
+) -> RestoreResult | None:
     client = open_replica(replica) if isinstance(replica, str) else replica
     started = time.monotonic()
     try:
@@ -469,7 +537,7 @@ def _check_database(path: str) -> None:
 
 def restore(
     database: str | os.PathLike[str],
-    replica: str,
+    replica: str | Sequence[str],
     *,
     if_db_not_exists: bool = True,
     if_replica_exists: bool = True,
@@ -479,8 +547,10 @@ def restore(
     generation: str | None = None,
     parallelism: int = DEFAULT_PARALLELISM,
 ) -> RestoreResult | None:
-    """Rebuild ``database`` from ``replica``; call at startup, before any
-    connection to the database opens.
+    """Rebuild ``database`` from ``replica`` (a URL, or a list tried in
+    order until one restores); call at startup, before any connection to
+    the database opens. Safe to call from several processes at once: they
+    take a lock, and all but the first find the database there.
 
     - ``if_db_not_exists`` (default): do nothing if the database exists.
       With ``False``, an existing database raises

@@ -37,12 +37,10 @@ Bad configuration raises :class:`sqlrepl.ConfigError` from ``init_app``.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import fcntl
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -51,7 +49,6 @@ from flask import Flask, current_app, g, has_app_context
 import sqlrepl
 
 from ._connection import _database_path
-from ._staging import staging_dir_for
 
 __all__ = ["CONFIG_KEYS", "FlaskSettings", "SqlRepl"]
 
@@ -236,41 +233,16 @@ _restored: set[str] = set()
 _restore_mutex = threading.Lock()
 
 
-@contextlib.contextmanager
-def _restore_lock(database: str) -> Iterator[None]:
-    # Workers of one app start together: without this, a second restore
-    # could replace the database the first worker already writes to.
-    folder = staging_dir_for(database)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, "restore.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def restore_once(database: str, replicas: tuple[str, ...]) -> sqlrepl.RestoreResult | None:
     """Restore ``database`` from the first of ``replicas`` that can, if the
-    file is missing; once per process, under a lock shared with other
-    processes (and with the Django backend's). Raises if no replica could be
+    file is missing; once per process, under :func:`sqlrepl.restore`'s lock
+    (shared with other processes). Raises if no replica could be
     read, so that an app never starts empty while its backup is unreachable."""
     with _restore_mutex:
         if database in _restored:
             return None
         result = None
         if not os.path.exists(database):
-            with _restore_lock(database):
-                errors: list[sqlrepl.SqlreplError] = []
-                for url in replicas:
-                    try:
-                        result = sqlrepl.restore(database, url)
-                    except (sqlrepl.ReplicaError, sqlrepl.CorruptObjectError, sqlrepl.RestoreError) as exc:
-                        errors.append(exc)
-                        continue
-                    if result is not None:
-                        break
-                if result is None and errors:
-                    raise errors[0]
+            result = sqlrepl.restore(database, list(replicas))
         _restored.add(database)
         return result

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -409,3 +410,67 @@ def test_full_disk_under_staging(tmp_path: Path) -> None:
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+def test_concurrent_restores_do_not_race(db_path: str, tmp_path: Path) -> None:
+    """Four processes restore the same missing database at once (workers of
+    one app starting together): exactly one restores, the others find it
+    there, and the result is intact."""
+    url = file_url(tmp_path / "replica")
+    _replicate_some(db_path, url, rows=300)
+    with sqlrepl.connect(db_path, url) as conn:  # big enough that restores would overlap
+        conn.execute("INSERT INTO t(v) SELECT randomblob(20000) FROM t")
+    sqlrepl.sync(db_path)
+    target = tmp_path / "target" / "app.db"
+    code = """
+        import sys, time, sqlrepl
+        time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all at once
+        result = sqlrepl.restore(sys.argv[1], sys.argv[2])
+        print("restored" if result else "skipped")
+    """
+    start_at = str(time.time() + 1.5)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), str(target), url, start_at],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(4)
+    ]
+    outcomes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outcomes.append(out.strip())
+    assert sorted(outcomes) == ["restored", "skipped", "skipped", "skipped"]
+    assert not [p for p in target.parent.iterdir() if ".stale-" in p.name]
+    assert_same_database(db_path, target)
+
+
+def test_restore_from_the_first_replica_that_can(db_path: str, tmp_path: Path) -> None:
+    """Given several replicas, restore skips an unreachable one and an empty
+    one and uses the next; if none can be read, the first error is raised
+    (an unreachable replica never passes for an empty one)."""
+    good = file_url(tmp_path / "replica")
+    _replicate_some(db_path, good)
+    name = f"down-{os.getpid()}-{time.monotonic_ns()}"
+    _replica_memory.fail_next(name, 100)
+    empty = file_url(tmp_path / "empty")
+    result = sqlrepl.restore(str(tmp_path / "a.db"), [f"memory://{name}", empty, good])
+    assert result is not None
+    assert_same_database(db_path, tmp_path / "a.db")
+    with pytest.raises(sqlrepl.ReplicaUnavailableError, match="injected failure"):
+        sqlrepl.restore(str(tmp_path / "b.db"), [f"memory://{name}", empty])
+    assert sqlrepl.restore(str(tmp_path / "c.db"), [empty, file_url(tmp_path / "empty2")]) is None
+
+
+def test_file_replica_path_through_a_file(tmp_path: Path) -> None:
+    """A folder replica whose path runs through a regular file is an error,
+    not an empty replica."""
+    (tmp_path / "plain").write_text("not a folder")
+    with pytest.raises(sqlrepl.ReplicaNotFoundError, match="not a folder"):
+        sqlrepl.restore(str(tmp_path / "x.db"), file_url(tmp_path / "plain" / "replica"))
+    with pytest.raises(sqlrepl.ReplicaNotFoundError, match="not a folder"):
+        sqlrepl.restore(str(tmp_path / "x.db"), file_url(tmp_path / "plain"))

@@ -315,14 +315,9 @@ def test_preload_with_a_connection_opened_before_fork(
     assert "Traceback" not in server.log()
 
 
-# -- engine issues found while testing the integrations (see the report) --------------------
+# -- regressions: engine issues found while testing the integrations ----------------------
 
 
-@pytest.mark.xfail(
-    reason="engine: a sync() made while a standby replicator is still starting is never passed to the"
-    " replicating process and waits out its timeout",
-    strict=True,
-)
 @pytest.mark.slow
 def test_sync_in_a_process_that_just_started_standing_by(tmp_path: Path) -> None:
     """A process that starts while another one replicates can sync() at once
@@ -377,12 +372,6 @@ sys.exit(os.waitstatus_to_exitcode(code))
 """
 
 
-@pytest.mark.xfail(
-    reason="engine: the replicator thread imports asyncio and anyio's asyncio backend when it starts;"
-    " a fork() meanwhile leaves them half-initialised in the child, whose replicators then all crash"
-    " (AttributeError: partially initialized module) and every replicated commit fails",
-    strict=True,
-)
 def test_fork_while_the_replicator_starts(tmp_path: Path) -> None:
     """A process forked just after the parent opened a replicated connection
     (gunicorn --preload with a query at import) can replicate."""
@@ -406,12 +395,6 @@ def test_fork_while_the_replicator_starts(tmp_path: Path) -> None:
     assert all(code == 0 for _, code, _ in outcomes), outcomes
 
 
-@pytest.mark.xfail(
-    sys.version_info[:2] == (3, 12),
-    reason="engine: on Python 3.12 the exit flush starts threads at interpreter shutdown"
-    " (RuntimeError: can't create new thread at interpreter shutdown) and uploads nothing",
-    strict=True,
-)
 def test_process_exit_flushes_pending_commits(tmp_path: Path) -> None:
     """A process (a gunicorn worker restarting, a management command) that
     commits and exits without sync() leaves its commits in the replica."""

@@ -34,9 +34,7 @@ connection (``connection.connection``) are replicated but not waited for.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import fcntl
 import functools
 import importlib
 import logging
@@ -46,7 +44,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -59,15 +57,12 @@ from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 import sqlrepl
 
 from .._connection import _database_path
-from .._staging import staging_dir_for
 
 __all__ = [
     "DatabaseWrapper",
     "ReplicationSettings",
     "check_databases",
     "read_settings",
-    "restore_from_replicas",
-    "restore_lock",
     "restore_once",
     "wait_until_started",
 ]
@@ -302,56 +297,15 @@ _restored: set[str] = set()
 _restore_mutex = threading.Lock()
 
 
-@contextlib.contextmanager
-def restore_lock(database: str) -> Iterator[None]:
-    """Hold an exclusive lock, across processes, for restoring ``database``.
-
-    The workers of one app start together; without it two of them could
-    both find the file missing, and the second restore would replace the
-    database (and move aside the WAL) that the first one already writes to.
-    The lock is a ``flock`` on ``restore.lock`` in the staging folder.
-    """
-    folder = staging_dir_for(database)
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, "restore.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def restore_from_replicas(
-    database: str, replicas: tuple[str, ...], **kwargs: Any
-) -> sqlrepl.RestoreResult | None:
-    """:func:`sqlrepl.restore` from the first replica that can: one that
-    fails is skipped for the next; if none restored and one failed, its
-    error is raised (an unreachable replica must not look empty)."""
-    errors: list[sqlrepl.SqlreplError] = []
-    for url in replicas:
-        try:
-            result = sqlrepl.restore(database, url, **kwargs)
-        except (sqlrepl.ReplicaError, sqlrepl.CorruptObjectError, sqlrepl.RestoreError) as exc:
-            if isinstance(exc, sqlrepl.DatabaseExistsError | sqlrepl.PointInTimeError):
-                raise
-            log.warning("restore of %s from %s failed: %s", database, url, exc)
-            errors.append(exc)
-            continue
-        if result is not None:
-            return result
-    if errors:
-        raise errors[0]
-    return None
-
-
 def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
     """Restore ``config.database`` from its replicas if the file is missing.
 
     Runs at most once per process and database (later calls return ``None``
     without I/O; a failed attempt is retried by the next call), under
-    :func:`restore_lock`. Does nothing when the replicas are empty (a new
-    app); raises when they cannot be read, so that an app never starts on an
-    empty database while its backup is unreachable.
+    :func:`sqlrepl.restore`'s lock (shared by every process). Does nothing
+    when the replicas are empty (a new app); raises when they cannot be read,
+    so that an app never starts on an empty database while its backup is
+    unreachable.
     """
     path = config.database
     if path is None:
@@ -361,8 +315,7 @@ def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
             return None
         result = None
         if not os.path.exists(path):
-            with restore_lock(path):
-                result = restore_from_replicas(path, config.replicas)
+            result = sqlrepl.restore(path, list(config.replicas))
         _restored.add(path)
         return result
 

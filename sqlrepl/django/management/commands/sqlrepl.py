@@ -37,8 +37,6 @@ from ...._restore import list_generations
 from ...base import (
     DatabaseWrapper,
     ReplicationSettings,
-    restore_from_replicas,
-    restore_lock,
     wait_until_started,
 )
 
@@ -115,11 +113,7 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             "timestamp": options["timestamp"],
             "generation": options["generation"],
         }
-        if target == config.database:
-            with restore_lock(target):
-                result = restore_from_replicas(target, replicas, **kwargs)
-        else:
-            result = restore_from_replicas(target, replicas, **kwargs)
+        result = sqlrepl.restore(target, list(replicas), **kwargs)
         assert result is not None  # if_replica_exists=False raises instead
         self.stdout.write(
             f"restored {result.path}: generation {result.generation}, txid {result.txid}"
