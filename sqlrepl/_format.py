@@ -28,7 +28,9 @@ The body, once decompressed, is ``page count`` records of a big-endian u32
 page number followed by one page. Page numbers are unique in an object.
 
 The database checksum is the XOR over every page ``p`` of the database (the
-lock page at byte 2**30 excluded) of ``XXH3-64(page bytes, seed=p)``; it is
+lock page at byte 2**30 excluded) of ``XXH3-64(page bytes, seed=p)``, an
+all-zero page counting 0 (SQLite reads a page past the end of the file, or
+in a hole, as zeros: the checksum must not tell them apart); it is
 maintained incrementally by the replicator and recomputed by restore, so a
 restore proves it rebuilt exactly the pages the replicator saw.
 """
@@ -42,7 +44,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, Protocol, cast
 
 import xxhash
 import zstandard
@@ -79,8 +81,18 @@ _CHUNK = 1 << 20
 _ZSTD_LEVEL = 1
 
 
+_ZEROS: dict[int, bytes] = {}
+
+
 def page_hash(pgno: int, page: bytes | memoryview) -> int:
-    """This page's term in the database checksum (see the module docstring)."""
+    """This page's term in the database checksum (see the module docstring):
+    0 for an all-zero page, which SQLite cannot tell from a page missing at
+    the end of the file or in a hole (it reads both as zeros)."""
+    zeros = _ZEROS.get(len(page))
+    if zeros is None:
+        zeros = _ZEROS.setdefault(len(page), bytes(len(page)))
+    if page == zeros:
+        return 0
     return xxhash.xxh3_64_intdigest(page, seed=pgno)
 
 
@@ -243,10 +255,16 @@ class ObjectWriter:
         return header
 
 
+class Readable(Protocol):
+    """Anything with a blocking ``read`` (a file, a stream of parts)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _HashingReader:
     """A read-only file wrapper that hashes and counts what passes through."""
 
-    def __init__(self, raw: BinaryIO, limit: int) -> None:
+    def __init__(self, raw: Readable, limit: int) -> None:
         self._raw = raw
         self._left = limit
         self.hash = xxhash.xxh3_64()
@@ -265,7 +283,7 @@ class _HashingReader:
         return True
 
 
-def iter_pages(header: ObjectHeader, body: BinaryIO, *, key: str = "") -> Iterator[tuple[int, bytes]]:
+def iter_pages(header: ObjectHeader, body: Readable, *, key: str = "") -> Iterator[tuple[int, bytes]]:
     """Yield ``(page number, page)`` from an object's body read from ``body``
     (positioned just after the header), in stored order, with bounded memory.
 
