@@ -19,7 +19,8 @@ from helpers import ROOT, assert_same_database, fast_options, file_url, integrit
 import sqlrepl
 
 WRITER = r"""
-import os, random, sys, sqlrepl
+import logging, os, random, sys, sqlrepl
+logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {os.getpid()} %(threadName)s %(message)s")
 sys.path.insert(0, sys.argv[5])
 from helpers import fast_options
 db, url, wid, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -142,6 +143,9 @@ def test_four_writers_replicator_killed_repeatedly(tmp_path: Path) -> None:
             w.proc.wait(60)
     final = tmp_path / "final.db"
     assert sqlrepl.restore(str(final), url) is not None
+    local = query(db, "SELECT writer, max(seq) FROM log GROUP BY writer ORDER BY writer")
+    replica = query(final, "SELECT writer, max(seq) FROM log GROUP BY writer ORDER BY writer")
+    assert local == replica, (local, replica, "".join(p.read_text() for p in tmp_path.glob("writer-*.log")))
     assert_same_database(db, final)
     generations = [p.name for p in (tmp_path / "replica" / "generations").iterdir()]
     logs = "".join(p.read_text() for p in tmp_path.glob("writer-*.log"))

@@ -237,3 +237,27 @@ def test_changes_while_not_running_start_a_new_generation(tmp_path: Path, db_pat
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db_path, restored)
+
+
+def test_wal_truncated_by_sqlrepl_keeps_the_generation(
+    replica_url: str, db_path: str, tmp_path: Path
+) -> None:
+    """After sqlrepl truncates the WAL, the app's connection may start the
+    new WAL with random salts (SQLite does when that connection never reset
+    the WAL itself): still one generation, and an exact replica."""
+    opts = fast_options(checkpoint_frames=20, truncate_wal_bytes=1)
+    conn = sqlrepl.connect(db_path, replica_url, options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    sqlrepl.sync(db_path)
+    generation = sqlrepl.status(db_path).generation
+    for i in range(400):
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(3000))")
+        conn.commit()
+        if i % 40 == 0:
+            sqlrepl.sync(db_path)  # a capture, then a checkpoint that can truncate
+    sqlrepl.sync(db_path)
+    assert sqlrepl.status(db_path).generation == generation
+    conn.close()
+    restore_fresh(replica_url, tmp_path / "restored.db")
+    assert_same_database(db_path, tmp_path / "restored.db")

@@ -206,3 +206,32 @@ def test_lock_page_numbers() -> None:
     assert _wal.lock_page(4096) == 262145
     assert _wal.lock_page(512) == 2097153
     assert _wal.lock_page(65536) == 16385
+
+
+def test_checkpoint_may_skip_pages_below_nbackfill(tmp_path: Path) -> None:
+    """SQLite fact the capture relies on knowing: a PASSIVE checkpoint held
+    back by a reader skips every page whose newest frame is past the reader,
+    even if an older frame of it is below; nBackfill still moves. So the
+    database file may lack a page's version at or below nBackfill."""
+    db = tmp_path / "skip.db"
+    conn = _writer(db)
+    conn.execute("INSERT INTO t VALUES ('v1')")
+    reader = sqlite3.connect(db, isolation_level=None)
+    _open.append(reader)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM t").fetchall()  # pins the WAL here
+    fd = _wal.long_lived_fd(str(db) + "-shm")
+    assert fd is not None
+    pinned = _wal.read_index_header(fd)
+    assert pinned is not None
+    conn.execute("UPDATE t SET x = 'v2'")  # the same page again, past the reader
+    checkpointer = sqlite3.connect(db, isolation_level=None)
+    _open.append(checkpointer)
+    busy, log, done = checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, done) == (0, pinned.max_frame)  # nBackfill moved up to the reader
+    assert log > done
+    # ...but the table's page holds neither version in the file: it was skipped.
+    with open(db, "rb") as f:
+        image = f.read()
+    assert b"v1" not in image
+    assert b"v2" not in image
