@@ -238,7 +238,6 @@ class Replicator:
         self._last_capture = 0.0
         self._since_snapshot_bytes = 0
         self._since_snapshot_count = 0
-        self._last_snapshot_size = 0
         self._last_snapshot_time = time.time()
         self._soft_warned = False
         self._nudge_sock: socket.socket | None = None
@@ -594,11 +593,15 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         state = self._staging.read_state()
-        while True:
+        for attempt in range(100):
             try:
                 reason = await anyio.to_thread.run_sync(capture.start, state)
                 break
-            except CaptureRetry:
+            except CaptureRetry as exc:
+                # Transient by nature (the WAL moved while we read); should it
+                # persist, a new generation beats not replicating at all.
+                log.debug("%s: start again: %s", self.database, exc)
+                reason = f"no consistent view of the database after {attempt + 1} tries: {exc}"
                 await anyio.sleep(0.05)
         if reason is None:
             assert state is not None
@@ -606,7 +609,6 @@ class Replicator:
             self._txid = capture.txid
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
-            self._last_snapshot_size = int(state.get("last_snapshot_size", 0))
             self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))
             # Staged objects past the recorded position were written just
             # before a crash; they will be captured again.
@@ -640,7 +642,6 @@ class Replicator:
         self._drop_window()
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
-        self._last_snapshot_size = os.stat(staged.path).st_size
         self._last_snapshot_time = time.time()
         await anyio.to_thread.run_sync(self._save_state)
 
@@ -652,7 +653,6 @@ class Replicator:
                 "generation": self._generation,
                 "since_snapshot_bytes": self._since_snapshot_bytes,
                 "since_snapshot_count": self._since_snapshot_count,
-                "last_snapshot_size": self._last_snapshot_size,
                 "last_snapshot_time": self._last_snapshot_time,
             }
         )
@@ -674,6 +674,7 @@ class Replicator:
         assert capture is not None
         opts = self.options
         backoff = 0.05
+        retries = 0
         while True:
             stopping = self._stop.is_set()
             now = time.monotonic()
@@ -701,7 +702,15 @@ class Replicator:
                 await self._new_generation()
                 self._kick_all()
                 continue
-            except CaptureRetry:
+            except CaptureRetry as exc:
+                retries += 1
+                if retries >= 120:  # about two minutes without a consistent view
+                    log.warning("%s: %s, %d times; starting a new generation", self.database, exc, retries)
+                    retries = 0
+                    await self._new_generation()
+                    self._kick_all()
+                    continue
+                log.debug("%s: capture again: %s", self.database, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -771,11 +780,21 @@ class Replicator:
             self._set_checked(asked)
 
     def _snapshot_due(self) -> bool:
+        """A snapshot is due when the segments since the last one outweigh
+        the database itself (so a restore reads at most about twice the
+        database), or ``snapshot_interval`` has passed while it changed.
+
+        Measured against the database's current size, not the last
+        snapshot's: a database being filled then never re-snapshots (what is
+        appended cannot outweigh the database it builds), where comparing
+        with the last snapshot snapshotted it again and again as it grew
+        (twice its final size uploaded, found by the benchmarks).
+        """
         if self._since_snapshot_count == 0:
             return False
-        if self._since_snapshot_bytes >= max(self._last_snapshot_size, 1 << 20):
-            return True
-        if self._since_snapshot_count >= 1000 and self._since_snapshot_bytes * 8 >= self._last_snapshot_size:
+        assert self._capture is not None
+        db_bytes = self._capture.db_size * self._capture.page_size
+        if self._since_snapshot_bytes >= max(db_bytes, 1 << 20):
             return True
         return time.time() - self._last_snapshot_time >= self.options.snapshot_interval
 
@@ -788,7 +807,6 @@ class Replicator:
         self._snapshot_wanted = False
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
-        self._last_snapshot_size = os.stat(staged.path).st_size
         self._last_snapshot_time = time.time()
         await anyio.to_thread.run_sync(self._save_state)
         self._kick_all()
@@ -1002,13 +1020,23 @@ class Replicator:
         if total >= opts.staging_soft_limit and not self._soft_warned:
             self._soft_warned = True
             failing = [r.url for r in self._replicas if r.last_error]
-            log.warning(
-                "%d bytes staged for %s (soft limit %d); failing replicas: %s",
-                total,
-                self.database,
-                opts.staging_soft_limit,
-                ", ".join(failing) or "none",
-            )
+            if failing:
+                log.warning(
+                    "%d bytes staged for %s (soft limit %d) because replica(s) %s keep failing;"
+                    " at %d bytes their queue is dropped and they resync from a snapshot",
+                    total,
+                    self.database,
+                    opts.staging_soft_limit,
+                    ", ".join(failing),
+                    opts.staging_hard_limit,
+                )
+            else:
+                log.info(
+                    "%d bytes staged for %s (soft limit %d): writes outpace uploads for now",
+                    total,
+                    self.database,
+                    opts.staging_soft_limit,
+                )
         elif total < opts.staging_soft_limit:
             self._soft_warned = False
         # The newest snapshot is the least any replica can need (to resync):
