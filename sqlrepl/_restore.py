@@ -18,8 +18,10 @@ import array
 import contextlib
 import datetime as dt
 import fcntl
+import io
 import logging
 import os
+import queue
 import secrets
 import shutil
 import sqlite3
@@ -29,6 +31,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.abc
+import anyio.from_thread
 
 from . import _format
 from ._errors import (
@@ -59,6 +63,7 @@ __all__ = [
 log = logging.getLogger("sqlrepl")
 
 PART_SIZE = 8 << 20
+_RUN_PAGES = 256  # consecutive pages written at once
 DEFAULT_PARALLELISM = 8
 
 
@@ -238,85 +243,111 @@ class _Applier:
         self.checksum = 0
         self.hashes = array.array("Q")
 
-    def apply(self, path: str, key: str) -> _format.ObjectHeader:
-        with open(path, "rb") as f:
-            header = read_header(f.read(HEADER_SIZE), key=key)
-            size = os.fstat(f.fileno()).st_size
-            if size != HEADER_SIZE + header.body_length:
-                expected = HEADER_SIZE + header.body_length
+    def apply(self, f: _format.Readable, key: str, size: int) -> _format.ObjectHeader:
+        """Apply the object read from ``f`` (``size`` bytes long)."""
+        header = read_header(f.read(HEADER_SIZE), key=key)
+        if size != HEADER_SIZE + header.body_length:
+            expected = HEADER_SIZE + header.body_length
+            raise CorruptObjectError(
+                f"object truncated or padded: {size} bytes, expected {expected} ({key})", key=key
+            )
+        if header.kind == _format.KIND_SNAPSHOT:
+            self.page_size = header.page_size
+            self.hashes = array.array("Q", bytes(8 * header.db_size))
+            self.checksum = 0
+            os.ftruncate(self.fd, 0)
+        else:
+            if header.page_size != self.page_size:
                 raise CorruptObjectError(
-                    f"object truncated or padded: {size} bytes, expected {expected} ({key})", key=key
+                    f"segment page size {header.page_size} != {self.page_size} ({key})", key=key
                 )
-            is_snapshot = header.kind == _format.KIND_SNAPSHOT
-            if is_snapshot:
-                self.page_size = header.page_size
-                self.hashes = array.array("Q", bytes(8 * header.db_size))
-                self.checksum = 0
-                os.ftruncate(self.fd, 0)
-            else:
-                if header.page_size != self.page_size:
-                    raise CorruptObjectError(
-                        f"segment page size {header.page_size} != {self.page_size} ({key})", key=key
-                    )
-                if header.pre_checksum != self.checksum:
-                    raise CorruptObjectError(
-                        f"segment does not continue the restored state (pre-checksum mismatch) ({key})",
-                        key=key,
-                    )
-                if header.truncate_size < len(self.hashes):
-                    for h in self.hashes[header.truncate_size :]:
-                        self.checksum ^= h
-                    del self.hashes[header.truncate_size :]
-                    os.ftruncate(self.fd, header.truncate_size * header.page_size)
-            if header.db_size > len(self.hashes):
-                self.hashes.extend(array.array("Q", bytes(8 * (header.db_size - len(self.hashes)))))
-            ps = header.page_size
-            skip = lock_page(ps)
-            for pgno, page in _format.iter_pages(header, f, key=key):
-                if pgno < 1 or pgno > header.db_size or pgno == skip:
-                    raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
-                os.pwrite(self.fd, page, (pgno - 1) * ps)
-                h = page_hash(pgno, page)
-                self.checksum ^= self.hashes[pgno - 1] ^ h
-                self.hashes[pgno - 1] = h
-            if header.db_size < len(self.hashes):
-                for h in self.hashes[header.db_size :]:
+            if header.pre_checksum != self.checksum:
+                raise CorruptObjectError(
+                    f"segment does not continue the restored state (pre-checksum mismatch) ({key})", key=key
+                )
+            if header.truncate_size < len(self.hashes):
+                for h in self.hashes[header.truncate_size :]:
                     self.checksum ^= h
-                del self.hashes[header.db_size :]
-            os.ftruncate(self.fd, header.db_size * ps)
-            self.size = header.db_size
-            if self.checksum != header.post_checksum:
-                raise CorruptObjectError(
-                    f"restored state does not match the object's database checksum ({key})", key=key
-                )
-            return header
+                del self.hashes[header.truncate_size :]
+                os.ftruncate(self.fd, header.truncate_size * header.page_size)
+        if header.db_size > len(self.hashes):
+            self.hashes.extend(array.array("Q", bytes(8 * (header.db_size - len(self.hashes)))))
+        ps = header.page_size
+        skip = lock_page(ps)
+        # Consecutive pages go to disk in one write (snapshots are all runs).
+        run: list[bytes] = []
+        run_start = 0
+        for pgno, page in _format.iter_pages(header, f, key=key):
+            if pgno < 1 or pgno > header.db_size or pgno == skip:
+                raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
+            h = page_hash(pgno, page)
+            self.checksum ^= self.hashes[pgno - 1] ^ h
+            self.hashes[pgno - 1] = h
+            if run and pgno == run_start + len(run) and len(run) < _RUN_PAGES:
+                run.append(page)
+                continue
+            if run:
+                os.pwrite(self.fd, b"".join(run), (run_start - 1) * ps)
+            run, run_start = [page], pgno
+        if run:
+            os.pwrite(self.fd, b"".join(run), (run_start - 1) * ps)
+        if header.db_size < len(self.hashes):
+            for h in self.hashes[header.db_size :]:
+                self.checksum ^= h
+            del self.hashes[header.db_size :]
+        os.ftruncate(self.fd, header.db_size * ps)
+        self.size = header.db_size
+        if self.checksum != header.post_checksum:
+            raise CorruptObjectError(
+                f"restored state does not match the object's database checksum ({key})", key=key
+            )
+        return header
 
 
-async def _download(
-    client: ReplicaClient, key: str, size: int, path: str, limiter: anyio.CapacityLimiter
-) -> int:
-    """Fetch one object into ``path``: one GET, or ranged parts in parallel."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if size <= PART_SIZE:
-            async with limiter:
-                data = await client.get(key)
-            os.pwrite(fd, data, 0)
-            return len(data)
+class _PartReader:
+    """A blocking file-like view of an object arriving in parts.
 
-        async def part(start: int) -> None:
-            # The slot is held until the part is on disk: at most
-            # `parallelism` parts are ever in memory, however slow the disk.
-            async with limiter:
-                data = await client.get_range(key, start, min(PART_SIZE, size - start))
-                await anyio.to_thread.run_sync(os.pwrite, fd, data, start)
+    Fed, in order, by the event loop (:meth:`put`); read by the applier's
+    worker thread. Each part taken frees a slot of ``window`` (an anyio
+    semaphore, released through the loop), which bounds the parts held.
+    """
 
-        async with anyio.create_task_group() as tg:
-            for start in range(0, size, PART_SIZE):
-                tg.start_soon(part, start)
-        return size
-    finally:
-        os.close(fd)
+    _END = object()
+
+    def __init__(self, window: anyio.Semaphore) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._buf = memoryview(b"")
+        self._window = window
+        self._done = False
+
+    def put(self, item: bytes | BaseException) -> None:
+        self._q.put(item)
+
+    def end(self) -> None:
+        self._q.put(self._END)
+
+    def read(self, size: int = -1) -> bytes:
+        out: list[bytes] = []
+        want = size if size >= 0 else 1 << 62
+        while want > 0:
+            if not self._buf:
+                if self._done:
+                    break
+                item = self._q.get()
+                if item is self._END:
+                    self._done = True
+                    break
+                if isinstance(item, BaseException):
+                    self._done = True
+                    raise item
+                assert isinstance(item, bytes)
+                self._buf = memoryview(item)
+                anyio.from_thread.run_sync(self._window.release)
+            take = self._buf[:want]
+            out.append(bytes(take))
+            self._buf = self._buf[len(take) :]
+            want -= len(take)
+        return b"".join(out)
 
 
 def _move_aside(path: str) -> str | None:
@@ -453,34 +484,51 @@ async def _restore_from(
 async def _restore_plan(
     client: ReplicaClient, plan: RestorePlan, path: str, work: str, parallelism: int
 ) -> RestoreResult:
+    """Download and apply ``plan`` into a file in ``work``, then put it at
+    ``path``. Objects are applied in order as they arrive: small ones are
+    fetched ahead whole (at most ``parallelism + 2`` at a time), large ones
+    in ranged parts streamed into the applier; nothing is written to disk
+    but the database, and at most ``parallelism + 2`` parts are in memory."""
     keys = plan.keys
     limiter = anyio.CapacityLimiter(max(1, parallelism))
-    files = [os.path.join(work, f"{i:06d}.obj") for i in range(len(keys))]
-    done = [anyio.Event() for _ in keys]
+    ahead = anyio.Semaphore(max(1, parallelism) + 2)
+    small: dict[int, bytes | BaseException] = {}
+    arrived = [anyio.Event() for _ in keys]
     total = 0
     tmp_db = os.path.join(work, "restored.db")
     fd = os.open(tmp_db, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     applier = _Applier(fd)
+
+    async def fetch_small(i: int) -> None:
+        try:
+            async with limiter:
+                small[i] = await client.get(keys[i][0])
+        except Exception as exc:  # handed to the applier, which raises it in order
+            small[i] = exc
+        arrived[i].set()
+
+    async def prefetch(tg: anyio.abc.TaskGroup) -> None:
+        for i, (_key, size) in enumerate(keys):
+            if size <= PART_SIZE:
+                await ahead.acquire()
+                tg.start_soon(fetch_small, i)
+
     try:
-        # Download ahead (bounded) while applying in order.
-        window = anyio.Semaphore(max(2, parallelism * 2))
-
-        async def fetch(i: int) -> None:
-            nonlocal total
-            async with window:
-                total += await _download(client, keys[i][0], keys[i][1], files[i], limiter)
-                done[i].set()
-                await applied[i].wait()
-
-        applied = [anyio.Event() for _ in keys]
         async with anyio.create_task_group() as tg:
-            for i in range(len(keys)):
-                tg.start_soon(fetch, i)
-            for i, (key, _size) in enumerate(keys):
-                await done[i].wait()
-                await anyio.to_thread.run_sync(applier.apply, files[i], key)
-                os.unlink(files[i])
-                applied[i].set()
+            tg.start_soon(prefetch, tg)
+            for i, (key, size) in enumerate(keys):
+                if size <= PART_SIZE:
+                    await arrived[i].wait()
+                    got = small.pop(i)
+                    ahead.release()
+                    if isinstance(got, BaseException):
+                        raise got
+                    total += len(got)
+                    await anyio.to_thread.run_sync(applier.apply, io.BytesIO(got), key, len(got))
+                else:
+                    await _stream_large(client, key, size, applier, limiter)
+                    total += size
+            tg.cancel_scope.cancel()
         await anyio.to_thread.run_sync(os.fsync, fd)
     finally:
         os.close(fd)
@@ -494,6 +542,53 @@ async def _restore_plan(
     os.replace(tmp_db, path)
     _format.fsync_dir(os.path.dirname(path))
     return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
+
+
+async def _stream_large(
+    client: ReplicaClient, key: str, size: int, applier: _Applier, limiter: anyio.CapacityLimiter
+) -> None:
+    """Apply a large object while downloading it: ranged GETs in parallel,
+    handed to the applier in order."""
+    starts = list(range(0, size, PART_SIZE))
+    window = anyio.Semaphore(int(limiter.total_tokens) + 2)
+    reader = _PartReader(window)
+    parts: dict[int, bytes | BaseException] = {}
+    arrived = [anyio.Event() for _ in starts]
+
+    async def fetch(j: int) -> None:
+        try:
+            async with limiter:
+                parts[j] = await client.get_range(key, starts[j], min(PART_SIZE, size - starts[j]))
+        except Exception as exc:
+            parts[j] = exc
+        arrived[j].set()
+
+    async def feed(tg: anyio.abc.TaskGroup) -> None:
+        try:
+            for j in range(len(starts)):
+                await window.acquire()
+                tg.start_soon(fetch, j)
+        except BaseException:
+            reader.put(RestoreError(f"download of {key} stopped"))
+            raise
+
+    async def deliver() -> None:
+        try:
+            for j in range(len(starts)):
+                await arrived[j].wait()
+                reader.put(parts.pop(j))
+            reader.end()
+        except BaseException:
+            reader.put(RestoreError(f"download of {key} stopped"))
+            raise
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(feed, tg)
+        tg.start_soon(deliver)
+        try:
+            await anyio.to_thread.run_sync(applier.apply, reader, key, size)
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
