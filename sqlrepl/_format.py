@@ -37,7 +37,6 @@ restore proves it rebuilt exactly the pages the replicator saw.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import struct
@@ -407,12 +406,3 @@ def parse_key(key: str) -> SnapshotKey | SegmentKey | None:
     if m := _SNAPSHOT_RE.match(key):
         return SnapshotKey(m["gen"], int(m["txid"], 16), int(m["ts"]))
     return None
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a folder so that renames and creations in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
-from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ._errors import ConfigError
 
@@ -29,7 +29,6 @@ __all__ = [
     "RequestStats",
     "open_replica",
     "redact_url",
-    "register_scheme",
 ]
 
 
@@ -136,11 +135,6 @@ _SCHEMES: dict[str, str] = {
 }
 
 
-def register_scheme(scheme: str, factory: str) -> None:
-    """Make ``scheme://`` URLs open with ``factory`` ("module:function")."""
-    _SCHEMES[scheme] = factory
-
-
 def redact_url(url: str) -> str:
     """``url`` without a password or secret-looking query values."""
     try:
@@ -184,9 +178,3 @@ def open_replica(url: str) -> ReplicaClient:
     factory = getattr(importlib.import_module(module_name), func_name)
     client: ReplicaClient = factory(parts, options)
     return client
-
-
-def split_url(url: str) -> SplitResult:
-    """``urlsplit`` with the scheme lower-cased (for backends' factories)."""
-    parts = urlsplit(url)
-    return parts._replace(scheme=parts.scheme.lower())

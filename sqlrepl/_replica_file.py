@@ -26,6 +26,7 @@ from ._errors import (
     ReplicaUnavailableError,
 )
 from ._replica import ObjectInfo, RequestStats
+from ._staging import fsync_dir
 
 __all__ = ["FileReplicaClient", "from_url"]
 
@@ -123,7 +124,7 @@ class FileReplicaClient:
             raise
         os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return int(size)
 
     async def put(self, key: str, data: bytes) -> None:
@@ -157,22 +158,15 @@ class FileReplicaClient:
             raise self._error("put", key, exc) from exc
 
     async def get(self, key: str) -> bytes:
-        def read() -> bytes:
-            with open(self._path(key), "rb") as f:
-                return f.read()
-
-        self._stats.requests["GET"] += 1
-        try:
-            data = await anyio.to_thread.run_sync(read)
-        except OSError as exc:
-            raise self._error("get", key, exc) from exc
-        self._stats.bytes_down += len(data)
-        return data
+        return await self._read(key, 0, None)
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
+        return await self._read(key, start, length)
+
+    async def _read(self, key: str, start: int, length: int | None) -> bytes:
         def read() -> bytes:
             with open(self._path(key), "rb") as f:
-                return os.pread(f.fileno(), length, start)
+                return f.read() if length is None else os.pread(f.fileno(), length, start)
 
         self._stats.requests["GET"] += 1
         try:
@@ -231,7 +225,7 @@ class FileReplicaClient:
                     continue
                 folders.add(os.path.dirname(path))
             for folder in folders:
-                _fsync_dir(folder)
+                fsync_dir(folder)
 
         self._stats.requests["DELETE"] += len(keys)
         try:
@@ -241,11 +235,3 @@ class FileReplicaClient:
 
     async def aclose(self) -> None:
         return None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

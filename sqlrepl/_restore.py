@@ -47,7 +47,7 @@ from ._errors import (
 )
 from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
 from ._replica import ObjectInfo, ReplicaClient, open_replica, redact_url
-from ._staging import staging_dir_for
+from ._staging import fsync_dir, staging_dir_for
 from ._wal import lock_page
 
 __all__ = [
@@ -540,7 +540,7 @@ async def _restore_plan(
         if aside:
             log.warning("moved stale %s aside to %s", path + suffix, aside)
     os.replace(tmp_db, path)
-    _format.fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
 
 

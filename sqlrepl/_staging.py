@@ -19,11 +19,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
-from ._format import fsync_dir
-
-__all__ = ["Staging", "staging_dir_for"]
+__all__ = ["Staging", "fsync_dir", "staging_dir_for"]
 
 STATE_VERSION = 1
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a folder, so that renames and creations in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def staging_dir_for(database: str) -> str:
@@ -166,13 +173,6 @@ class Staging:
             for name in files:
                 if name.startswith(".tmp-"):
                     os.unlink(os.path.join(folder, name))
-
-    def staged_bytes(self) -> int:
-        total = 0
-        for key in self.staged_keys():
-            with suppress(FileNotFoundError):
-                total += os.stat(self.object_path(key)).st_size
-        return total
 
     @contextmanager
     def temp_object(self) -> Iterator[tuple[IO[bytes], Any]]:

@@ -29,7 +29,6 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = [
@@ -271,13 +270,3 @@ def long_lived_fd(path: str) -> int | None:
             return _long_lived[key2]
         _long_lived[key2] = fd
         return fd
-
-
-def iter_frames(data: bytes | memoryview, page_size: int, first_frame: int) -> Iterator[tuple[int, int, int]]:
-    """``(frame index, page number, commit size)`` for each whole frame in
-    ``data``, which starts at frame ``first_frame``. Does not validate."""
-    step = FRAME_HEADER_SIZE + page_size
-    unpack = struct.Struct(">II").unpack_from
-    for i, off in enumerate(range(0, len(data) - step + 1, step)):
-        pgno, commit = unpack(data, off)
-        yield first_frame + i, pgno, commit
