@@ -162,10 +162,14 @@ def test_compaction_merges_small_segments(db_path: str, tmp_path: Path) -> None:
     def segments() -> list[_format.SegmentKey]:
         return sorted(k for k in _keys(tmp_path / "replica") if isinstance(k, _format.SegmentKey))
 
+    def covered(segs: list[_format.SegmentKey]) -> bool:
+        return any(a.last_txid >= b.first_txid for a, b in itertools.pairwise(segs))
+
     deadline = time.monotonic() + 30
     while True:
         segs = segments()
-        if len(segs) <= captures // 4 and segs and segs[-1].last_txid == txid:
+        # Merged ones uploaded, and the small ones they cover deleted.
+        if len(segs) <= captures // 4 and segs and segs[-1].last_txid == txid and not covered(segs):
             break
         assert time.monotonic() < deadline, (captures, segs)
         time.sleep(0.1)
