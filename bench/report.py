@@ -602,6 +602,7 @@ def write_report(results_path: Path, doc: Path, out_dir: Path) -> None:
         )
         for fname, title in plots:
             lines += [f"![{title}]({rel}/{fname})", ""]
+    lines += _capture_section(Path(out_dir) / "capture.json")
     profiles = sorted(Path(out_dir).glob("profile-*.txt"))
     if profiles:
         lines += [
@@ -631,6 +632,33 @@ def write_report(results_path: Path, doc: Path, out_dir: Path) -> None:
         "",
     ]
     Path(doc).write_text("\n".join(lines))
+
+
+def _capture_section(path: Path) -> list[str]:
+    """The WAL capture figures of ``python -m bench.capture``, if it ran."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    lines = [
+        "## WAL capture",
+        "",
+        f"Made by `python -m bench.capture` (a {data['megabytes']} MiB bulk transaction, median of"
+        f" {data['repeat']} runs, min-max in brackets): sqlrepl's capture engine copies the new WAL"
+        " frames into a staged segment (read, dedupe, hash, compress, fsync), timed on its own.",
+        "Goal: 150 MB/s. Beside it, the two ways to find the last committed frame: reading the",
+        "wal-index header (what sqlrepl does) and a checksum pass over the WAL in Python.",
+        "",
+        "| pages | WAL MB | segment MB | capture MB/s | wal-index header | checksum pass |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind, s in data["summary"].items():
+        c = s["capture_MBps"]
+        lines.append(
+            f"| {kind} | {s['wal_bytes']['median'] / 1e6:.0f} | {s['segment_bytes']['median'] / 1e6:.0f}"
+            f" | **{c['median']:.0f}** ({c['min']:.0f}-{c['max']:.0f})"
+            f" | {s['index_header_us']['median']:.1f} µs | {s['checksum_scan_MBps']['median']:.0f} MB/s |"
+        )
+    return [*lines, ""]
 
 
 def _is_under(out_dir: Path, doc: Path) -> bool:
