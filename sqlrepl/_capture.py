@@ -517,9 +517,11 @@ class Capture:
             path = finish(key)
         return Staged(key, path, header), hashes, checksum, size
 
-    def capture(self, staging: Staging, generation: str) -> Staged | None:
+    def capture(self, staging: Staging, generation: str, *, sync: bool = True) -> Staged | None:
         """Copy every transaction committed since the position into one staged
-        segment, advance the position and the pin. ``None`` if nothing new."""
+        segment, advance the position and the pin. ``None`` if nothing new.
+        With ``sync=False`` the segment is not yet durable (see
+        :meth:`Staging.make_durable`)."""
         pos = self.position
         assert pos is not None
         hdr = self.index()
@@ -528,7 +530,7 @@ class Capture:
         new = self._begin_pin()
         try:
             hdr = self.index()  # ends at or after the new pin's snapshot
-            staged = self._capture(staging, generation, pos, hdr)
+            staged = self._capture(staging, generation, pos, hdr, sync)
         except BaseException:
             self._release(new)
             raise
@@ -544,7 +546,9 @@ class Capture:
             return hdr.max_frame > pos.frame
         return hdr.max_frame > 0
 
-    def _capture(self, staging: Staging, generation: str, pos: Position, hdr: IndexHeader) -> Staged:
+    def _capture(
+        self, staging: Staging, generation: str, pos: Position, hdr: IndexHeader, sync: bool = True
+    ) -> Staged:
         if not self._has_new(pos, hdr):
             raise CaptureRetry("nothing new after pinning")
         wal_header = self._wal_header()
@@ -618,7 +622,7 @@ class Capture:
                 post_checksum=post,
             )
             key = _format.segment_key(generation, self.txid + 1, self.txid + plan.commits, now)
-            path = finish(key)
+            path = finish(key, sync=sync)
 
         # The object is durable: now move the in-memory state forward.
         if plan.truncate < len(hashes):
@@ -639,6 +643,14 @@ class Capture:
         """Frames in the current WAL incarnation (since its last restart)."""
         return self.index().max_frame
 
+    def uncopied_frames(self) -> int:
+        """Frames committed to the WAL since the position."""
+        assert self.position is not None
+        hdr = self.index()
+        if hdr.salt == self.position.salt:
+            return max(0, hdr.max_frame - self.position.frame)
+        return hdr.max_frame
+
     def checkpoint(
         self,
         staging: Staging,
@@ -646,32 +658,46 @@ class Capture:
         *,
         truncate_over: int,
         on_staged: Callable[[Staged], None],
+        restart: bool = True,
     ) -> Staged | None:
         """Checkpoint what has been copied and let SQLite restart the WAL.
 
         First a PASSIVE checkpoint (it cannot pass our pin, so only copied
         frames move into the database file). If that completes the WAL, we
         re-pin on read-mark zero so the next writer restarts it. Under a
-        steady stream of commits it never completes, so we then hold the
+        steady stream of commits it never completes; so, with ``restart``
+        (the WAL has grown long), we then hold the
         write lock for a moment (``BEGIN IMMEDIATE``): copy the last few
-        frames (``on_staged`` is called with that segment, under the lock, so
-        the position can be recorded before the frames are gone), checkpoint
-        them, re-pin, release. If a writer holds the lock for long, we try
-        again next time. Returns the segment captured under the lock, if any.
+        frames into a staged file, checkpoint them, re-pin, release. If a
+        writer holds the lock for long, we try again next time.
+
+        Writers wait for the lock, so only what must happen under it does:
+        the copy is made durable (fsyncs, then ``on_staged``, which records
+        the position) after the lock is released. Should the process die in
+        between, the next writer may already have restarted the WAL, and the
+        database file holds commits the recorded position does not; the next
+        start sees it (the database checksum no longer matches the recorded
+        one) and begins a new generation: a snapshot, never a gap. Returns
+        the segment captured under the lock, if any.
         """
-        if self._checkpoint_and_repin(truncate_over):
+        if self._checkpoint_and_repin(truncate_over) or not restart:
             return None
         barrier = self._barrier()
         if not self._take_write_lock(barrier, timeout=0.5):
             return None  # a long write transaction: try again next time
         staged = None
         try:
-            staged = self.capture(staging, generation)
-            if staged is not None:
-                on_staged(staged)
+            staged = self.capture(staging, generation, sync=False)
             self._checkpoint_and_repin(None)
         finally:
             barrier.execute("ROLLBACK")
+        if staged is not None:
+            try:
+                staging.make_durable(staged.path)
+            except OSError as exc:
+                # Its frames may be gone from the WAL: only a snapshot is safe now.
+                raise ContinuityLost(f"a copied segment could not be made durable: {exc}") from exc
+            on_staged(staged)
         self._truncate_if_large(truncate_over)
         return staged
 

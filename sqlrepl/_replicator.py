@@ -3,10 +3,14 @@
 Its thread runs an anyio event loop (asyncio backend, which aiobotocore
 needs) with one task that captures and one uploader task per replica:
 
-- capture: at most once per sync interval (at once when the database has
-  been idle, when ``sync()`` asks, or when a replica needs a snapshot), copy
-  new WAL frames into a staged segment (crash-safe on disk), record the
-  position, then checkpoint (PASSIVE) when the WAL has grown;
+- capture: copy new WAL frames into a staged segment (crash-safe on disk),
+  record the position, then checkpoint when the WAL has grown. Segments are
+  released to the uploaders at most once per sync interval (at once when the
+  database has been idle, when ``sync()`` asks, or when a replica needs a
+  snapshot); when the WAL reaches ``checkpoint_frames`` before that, the
+  frames are copied early and *held*, so that the WAL can restart (as
+  SQLite's own autocheckpoint would have it) without adding uploads: the
+  held segments are merged into one at release;
 - upload: each replica uploads the staged objects it needs, in order, with
   its own position and its own backoff, so one failing store never holds the
   others back; an object is deleted from staging once no replica needs it.
@@ -77,8 +81,18 @@ class Options:
     - ``poll_interval``: how often the WAL is looked at when the database is
       idle, to notice commits that did not go through ``sqlrepl.connect``
       (other processes, other libraries). One 136-byte read each time.
-    - ``checkpoint_frames``: checkpoint (PASSIVE) once this many frames are
-      in the WAL and copied (SQLite's own default is 1000).
+    - ``checkpoint_frames``: once this many frames are in the WAL, copy them
+      (even before the sync interval is up; they are held and merged into
+      the next upload) and checkpoint, so that the WAL restarts from its
+      start as it would under SQLite's own autocheckpoint (whose default is
+      also 1000). A WAL left to grow for a whole interval makes every commit
+      slower (measured: 0.78 of no replication instead of 0.87).
+    - ``wal_restart_frames``: those checkpoints never block writers, but
+      under a steady stream of commits they cannot complete, and the WAL only
+      restarts from its start once one does; so past this many frames
+      sqlrepl holds the write lock for a moment (a few milliseconds: copy the
+      last frames, checkpoint them) to let it restart. Every time at 1000
+      frames measured 0.86 of no replication, at 4000 0.9.
     - ``truncate_wal_bytes``: truncate the WAL file when it has grown past
       this size (after a large transaction), once it is safe to.
     - ``snapshot_interval``: take a new snapshot at least this often while
@@ -107,6 +121,7 @@ class Options:
     sync_interval: float = 1.0
     poll_interval: float = 0.1
     checkpoint_frames: int = 1000
+    wal_restart_frames: int = 4000
     truncate_wal_bytes: int = 64 << 20
     snapshot_interval: float = 24 * 3600.0
     retention: float | None = 24 * 3600.0
@@ -127,6 +142,11 @@ class Options:
                 raise ConfigError(f"option {name} must be a number >= 0, got {value!r}")
         if self.checkpoint_frames < 1:
             raise ConfigError("option checkpoint_frames must be >= 1")
+        if self.wal_restart_frames < self.checkpoint_frames:
+            raise ConfigError(
+                f"option wal_restart_frames ({self.wal_restart_frames}) must be >= checkpoint_frames"
+                f" ({self.checkpoint_frames})"
+            )
 
 
 @dataclass
@@ -143,6 +163,7 @@ class _Obj:
     timestamp_ms: int = 0
     compacted: bool = False  # a merge of segments every replica already has
     page_bytes: int = 0  # uncompressed pages (known once read for compaction)
+    held: bool = False  # copied early; uploaded (merged) at the next release
 
     @property
     def order(self) -> tuple[str, int, int]:
@@ -235,7 +256,7 @@ class Replicator:
         self._sync_requests = 0
         self._snapshot_wanted = False
         self._peer_sync = False
-        self._last_capture = 0.0
+        self._last_release = 0.0
         self._since_snapshot_bytes = 0
         self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
@@ -583,11 +604,12 @@ class Replicator:
             )
         return None
 
-    def _add_staged(self, staged: Staged) -> None:
+    def _add_staged(self, staged: Staged) -> _Obj:
         obj = self._obj_from_key(staged.key)
         assert obj is not None
         self._staged.append(obj)
         self._staged.sort(key=lambda o: o.order)
+        return obj
 
     async def _start_position(self) -> None:
         capture = self._capture
@@ -678,7 +700,7 @@ class Replicator:
         while True:
             stopping = self._stop.is_set()
             now = time.monotonic()
-            due = now - self._last_capture >= opts.sync_interval
+            due = now - self._last_release >= opts.sync_interval
             with self._cond:
                 wanted = self._sync_requests > 0 or self._snapshot_wanted or self._peer_sync
                 self._peer_sync = False
@@ -688,14 +710,18 @@ class Replicator:
                 changed = await anyio.to_thread.run_sync(capture.changed)
                 if changed and (due or wanted or stopping):
                     await self._capture_once()
+                elif changed and await anyio.to_thread.run_sync(capture.uncopied_frames) >= opts.checkpoint_frames:
+                    await self._capture_once(hold=True)  # so that the WAL can restart
                 elif wanted or stopping:
                     self._set_checked(looked)
+                    await self._release_held()
                 if self._snapshot_wanted or self._snapshot_due():
                     await self._snapshot()
                 if self._compaction_due():
                     await self._compact()
-                if await anyio.to_thread.run_sync(capture.wal_frames) >= opts.checkpoint_frames:
-                    await self._checkpoint()
+                frames = await anyio.to_thread.run_sync(capture.wal_frames)
+                if frames >= opts.checkpoint_frames:
+                    await self._checkpoint(restart=frames >= opts.wal_restart_frames)
                 backoff = 0.05
             except ContinuityLost as exc:
                 log.warning("%s: continuity lost (%s); starting a new generation", self.database, exc)
@@ -725,8 +751,9 @@ class Replicator:
             if stopping:
                 return
             if changed and not (due or wanted):
-                # Something is pending: sleep until it is due, ignoring nudges.
-                await self._sleep_until(self._last_capture + opts.sync_interval)
+                # Something is pending: sleep until it is due, ignoring nudges,
+                # but look at the WAL's length every poll interval meanwhile.
+                await self._sleep_until(min(self._last_release + opts.sync_interval, now + opts.poll_interval))
             else:
                 await self._sleep(opts.poll_interval)
 
@@ -741,42 +768,105 @@ class Replicator:
                     if self._sync_requests or self._snapshot_wanted or self._peer_sync or self._stop.is_set():
                         return
 
-    async def _capture_once(self) -> None:
+    async def _capture_once(self, *, hold: bool = False) -> None:
+        """Copy new frames into a staged segment; unless ``hold``, release
+        what is staged to the uploaders (the start of a new interval)."""
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
         staged = await anyio.to_thread.run_sync(capture.capture, self._staging, self._gen())
-        self._last_capture = time.monotonic()
         if staged is not None:
-            await anyio.to_thread.run_sync(self._record_segment, staged)
-            self._kick_all()
+            await anyio.to_thread.run_sync(self._record_segment, staged, hold)
+        held = sum(o.page_bytes for o in self._staged if o.held)
+        if not hold or held >= self.options.compaction_max_bytes:
+            await self._release_held()
         self._set_checked(asked)
         self._check_staging_limits()
 
-    def _record_segment(self, staged: Staged) -> None:
+    def _record_segment(self, staged: Staged, hold: bool = False) -> None:
         """Account for a new staged segment and persist the position (in a
         worker thread, while the capture loop waits on it)."""
         assert self._capture is not None
         self._txid = self._capture.txid
-        self._add_staged(staged)
-        self._since_snapshot_bytes += os.stat(staged.path).st_size
+        obj = self._add_staged(staged)
+        obj.held = hold
+        obj.page_bytes = staged.header.page_count * staged.header.page_size
+        self._since_snapshot_bytes += obj.size
         self._since_snapshot_count += 1
         self._save_state()
 
-    async def _checkpoint(self) -> None:
+    async def _release_held(self) -> None:
+        """Start a new interval: hand the held segments to the uploaders,
+        merged into as few as the memory bound (``compaction_max_bytes``)
+        allows, so that the interval costs one PUT per replica."""
+        self._last_release = time.monotonic()
+        held = [o for o in self._staged if o.held]
+        if not held:
+            self._kick_all()
+            return
+        cap = self.options.compaction_max_bytes
+        runs: list[list[_Obj]] = [[]]
+        for obj in held:
+            run = runs[-1]
+            if run and (
+                obj.page_bytes > cap // 4
+                or run[-1].page_bytes > cap // 4
+                or sum(o.page_bytes for o in run) + obj.page_bytes > cap
+                or run[-1].generation != obj.generation
+                or run[-1].last + 1 != obj.first
+            ):
+                runs.append(run := [])
+            run.append(obj)
+        for run in runs:
+            if len(run) >= 2:
+                await self._merge_held(run)
+            for obj in run:
+                obj.held = False
+        self._kick_all()
+
+    async def _merge_held(self, run: list[_Obj]) -> None:
+        """Replace the segments of ``run`` by one segment covering them. The
+        parts are deleted only once the merged object is durable (after a
+        crash in between, both are staged and either serves)."""
+        gen = run[0].generation
+
+        def merge() -> str:
+            with self._staging.temp_object() as (f, finish):
+                header = merge_segments([o.path for o in run], f)
+                key = _format.segment_key(gen, header.first_txid, header.last_txid, header.timestamp_ms)
+                finish(key)
+            return key
+
+        try:
+            key = await anyio.to_thread.run_sync(merge)
+        except Exception as exc:  # uploading the parts as they are is as good
+            log.error("merging txids %d-%d failed, uploading them apart: %s", run[0].first, run[-1].last, exc)
+            return
+        obj = self._obj_from_key(key)
+        assert obj is not None
+        obj.page_bytes = sum(o.page_bytes for o in run)  # (an upper bound; only compared with limits)
+        for part in run:
+            self._staged.remove(part)
+            self._staging.remove_object(part.key)
+        self._staged.append(obj)
+        self._staged.sort(key=lambda o: o.order)
+
+    async def _checkpoint(self, *, restart: bool) -> None:
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
+        # A segment copied under the write barrier holds the few commits made
+        # since the last capture: it goes with the next release.
         staged = await anyio.to_thread.run_sync(
             lambda: capture.checkpoint(
                 self._staging,
                 self._gen(),
                 truncate_over=self.options.truncate_wal_bytes,
-                on_staged=self._record_segment,
+                on_staged=lambda s: self._record_segment(s, True),
+                restart=restart,
             )
         )
         if staged is not None:
-            self._kick_all()
             self._set_checked(asked)
 
     def _snapshot_due(self) -> bool:
@@ -828,9 +918,12 @@ class Replicator:
 
     def _role_of(self, r: _Replica, obj: _Obj) -> str:
         """``done``; ``upload`` (next in order for this replica); ``later``
-        (needed once the ones before it are uploaded); or ``useless``."""
+        (needed once the ones before it are uploaded); ``held`` (copied early,
+        waits for the next release); or ``useless``."""
         if obj.key in r.uploaded:
             return "done"
+        if obj.held:
+            return "held"
         if obj.compacted:  # an extra copy of history the replica has: send it
             return "upload" if obj.generation == r.generation else "useless"
         if obj.generation != r.generation:
@@ -849,9 +942,14 @@ class Replicator:
     def _next_for(self, r: _Replica) -> _Obj | str | None:
         """The next object ``r`` should upload; ``"snapshot"`` if it needs a
         fresh snapshot first; ``None`` when it is up to date."""
+        held = False
         for obj in self._staged:
-            if self._role_of(r, obj) == "upload":
+            role = self._role_of(r, obj)
+            if role == "upload":
                 return obj
+            held = held or role == "held"
+        if held:
+            return None  # (the rest comes with the next release)
         if r.generation != self._generation or r.txid < self._txid:
             return "snapshot"
         return None

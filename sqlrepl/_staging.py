@@ -180,23 +180,26 @@ class Staging:
 
         Yields ``(file, finish)``; call ``finish(key)`` once the content is
         complete: the file is fsynced and renamed to the key's path (folders
-        fsynced), and ``finish`` returns that path. Without ``finish`` (or on
-        an error) the temporary is removed.
+        fsynced), and ``finish`` returns that path. With ``sync=False`` it is
+        only renamed; :meth:`make_durable` does the rest later. Without
+        ``finish`` (or on an error) the temporary is removed.
         """
         self.ensure()
         tmp = os.path.join(self.objects, f".tmp-{secrets.token_hex(6)}")
         f = open(tmp, "w+b")  # noqa: SIM115 - closed below on every path
         done: list[str] = []
 
-        def finish(key: str, root: str | None = None) -> str:
+        def finish(key: str, root: str | None = None, *, sync: bool = True) -> str:
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
             path = self.object_path(key, root)
             folder = os.path.dirname(path)
             os.makedirs(folder, exist_ok=True)
             os.replace(tmp, path)
-            fsync_dir(folder)
-            fsync_dir(self.objects)
+            if sync:
+                fsync_dir(folder)
+                fsync_dir(self.objects)
             done.append(path)
             return path
 
@@ -207,3 +210,14 @@ class Staging:
             if not done:
                 with suppress(FileNotFoundError):
                     os.unlink(tmp)
+
+    def make_durable(self, path: str) -> None:
+        """Finish what ``finish(key, sync=False)`` left: fsync the object and
+        the folders that name it."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(path))
+        fsync_dir(self.objects)

@@ -31,7 +31,7 @@ sys.path.insert(0, sys.argv[4])
 from helpers import fast_options
 db, url, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rnd = random.Random(seed)
-conn = sqlrepl.connect(db, url, options=fast_options(checkpoint_frames=300), timeout=30)
+conn = sqlrepl.connect(db, url, options=fast_options(checkpoint_frames=300, wal_restart_frames=600), timeout=30)
 conn.execute("CREATE TABLE IF NOT EXISTS log(seq INTEGER PRIMARY KEY, pad BLOB)")
 conn.execute("CREATE TABLE IF NOT EXISTS churn(k INTEGER PRIMARY KEY, v BLOB)")
 conn.commit()

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_database, dump, fast_options, make_db, query, restore_fresh, run_python
+from helpers import assert_same_database, dump, fast_options, file_url, make_db, query, restore_fresh, run_python
 
 import sqlrepl
 
@@ -140,7 +140,7 @@ def test_wal_stays_bounded(tmp_path: Path, db_path: str) -> None:
     """With the app's autocheckpoint off, sqlrepl's own checkpoints keep the
     WAL from growing without end."""
     url = "file://" + str(tmp_path / "replica")
-    conn = sqlrepl.connect(db_path, url, options=fast_options(checkpoint_frames=200))
+    conn = sqlrepl.connect(db_path, url, options=fast_options(checkpoint_frames=200, wal_restart_frames=400))
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     for _ in range(6000):
         conn.execute("INSERT INTO t(v) VALUES (?)", (os.urandom(1000),))
@@ -149,6 +149,40 @@ def test_wal_stays_bounded(tmp_path: Path, db_path: str) -> None:
     # 6000 commits of 1.5 frames each, never checkpointed, would need 36 MB.
     assert os.path.getsize(db_path + "-wal") < 4 << 20
     conn.close()
+
+
+def test_wal_restarts_within_the_interval_without_more_uploads(tmp_path: Path, db_path: str) -> None:
+    """When the WAL reaches checkpoint_frames before the sync interval is up,
+    its frames are copied early (so that the WAL can restart, as SQLite's own
+    autocheckpoint would have it) and held: the interval still costs one
+    upload, a merge of what was held, and the replica is exact."""
+    url = file_url(tmp_path / "replica")
+    opts = fast_options(sync_interval=4.0, checkpoint_frames=100, wal_restart_frames=200)
+    conn = sqlrepl.connect(db_path, url, options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    sqlrepl.sync(db_path)
+    puts = sqlrepl.status(db_path).replicas[0].requests["PUT"]
+    largest_wal = 0
+    for i in range(3000):
+        # (Compressible rows: segments small beside the database, so no
+        # snapshot falls due, which would be a release of its own.)
+        conn.execute("INSERT INTO t(v) VALUES (?)", (b"%08d" % i * 125,))
+        conn.commit()
+        if i % 50 == 0:
+            largest_wal = max(largest_wal, os.path.getsize(db_path + "-wal"))
+    staged = sorted(p.name for p in Path(db_path + "-sqlrepl").rglob("*.segment"))
+    sqlrepl.sync(db_path, timeout=30)
+    uploads = sqlrepl.status(db_path).replicas[0].requests["PUT"] - puts
+    # 3000 commits of ~1.5 frames: 18 MB of WAL had it grown all interval.
+    assert largest_wal < 8 << 20, largest_wal
+    assert len(staged) >= 5, staged  # copied early, several times, and held
+    # One release at the sync (and one more if writing outlasted the interval).
+    assert uploads <= 2, (uploads, staged)
+    conn.close()
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db_path, restored)
 
 
 def test_writer_that_never_imported_sqlrepl(replica_url: str, db_path: str, tmp_path: Path) -> None:
@@ -245,7 +279,7 @@ def test_wal_truncated_by_sqlrepl_keeps_the_generation(
     """After sqlrepl truncates the WAL, the app's connection may start the
     new WAL with random salts (SQLite does when that connection never reset
     the WAL itself): still one generation, and an exact replica."""
-    opts = fast_options(checkpoint_frames=20, truncate_wal_bytes=1)
+    opts = fast_options(checkpoint_frames=20, wal_restart_frames=40, truncate_wal_bytes=1)
     conn = sqlrepl.connect(db_path, replica_url, options=opts)
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     conn.commit()
