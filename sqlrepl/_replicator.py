@@ -756,7 +756,8 @@ class Replicator:
             if changed and not (due or wanted):
                 # Something is pending: sleep until it is due, ignoring nudges,
                 # but look at the WAL's length every poll interval meanwhile.
-                await self._sleep_until(min(self._last_release + opts.sync_interval, now + opts.poll_interval))
+                due_at = self._last_release + opts.sync_interval
+                await self._sleep_until(min(due_at, now + opts.poll_interval))
             else:
                 await self._sleep(opts.poll_interval)
 

@@ -25,7 +25,8 @@ sys.path.insert(0, sys.argv[5])
 from helpers import fast_options
 db, url, wid, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rnd = random.Random(seed)
-conn = sqlrepl.connect(db, url, options=fast_options(checkpoint_frames=300, wal_restart_frames=600), timeout=60)
+opts = fast_options(checkpoint_frames=300, wal_restart_frames=600)
+conn = sqlrepl.connect(db, url, options=opts, timeout=60)
 conn.execute("CREATE TABLE IF NOT EXISTS log(writer INT, seq INT, pad BLOB, PRIMARY KEY (writer, seq))")
 conn.commit()
 seq = conn.execute("SELECT coalesce(max(seq), 0) FROM log WHERE writer = ?", (wid,)).fetchone()[0]

@@ -10,7 +10,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_database, dump, fast_options, file_url, make_db, query, restore_fresh, run_python
+from helpers import (
+    assert_same_database,
+    dump,
+    fast_options,
+    file_url,
+    make_db,
+    query,
+    restore_fresh,
+    run_python,
+)
 
 import sqlrepl
 
