@@ -721,7 +721,8 @@ class Replicator:
                     await self._capture_once()
                 elif changed and capture.uncopied_frames() >= opts.checkpoint_frames:
                     await self._capture_once(hold=True)  # so that the WAL can restart
-                elif wanted or stopping:
+                elif wanted or stopping or (due and any(o.held for o in self._staged)):
+                    # (Held segments go at the end of their interval, writes or not.)
                     self._set_checked(looked)
                     await self._release_held()
                 if self._snapshot_wanted or self._snapshot_due():
@@ -786,7 +787,8 @@ class Replicator:
         asked = time.monotonic_ns()
         staged = await anyio.to_thread.run_sync(capture.capture, self._staging, self._gen())
         if staged is not None:
-            await anyio.to_thread.run_sync(self._record_segment, staged, hold)
+            # Held either way: a release merges it with those held before it.
+            await anyio.to_thread.run_sync(self._record_segment, staged, True)
         held = [o for o in self._staged if o.held]
         # Heavy writes: once a merge's worth is held, holding more only adds lag.
         if not hold or sum(o.size for o in held) >= _MERGE_STORED_MAX:

@@ -7,6 +7,7 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,38 @@ def test_wal_restarts_within_the_interval_without_more_uploads(tmp_path: Path, d
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db_path, restored)
+
+
+def test_held_frames_leave_when_the_writes_stop(tmp_path: Path, db_path: str) -> None:
+    """Frames copied early (held for the interval's upload) are uploaded at
+    the end of their interval even when no commit follows: without a
+    ``sync()``, the replica catches up within about one interval."""
+    url = file_url(tmp_path / "replica")
+    opts = fast_options(sync_interval=0.5, checkpoint_frames=30, wal_restart_frames=60)
+    conn = sqlrepl.connect(db_path, url, options=opts)
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    conn.commit()
+    for _ in range(20):
+        for i in range(300):
+            conn.execute("INSERT INTO t(v) VALUES (?)", (b"%08d" % i * 100,))
+            conn.commit()
+        if any(k.endswith(".segment") for k in _staged_keys(db_path)):
+            break  # something is staged, held or on its way: stop writing now
+    deadline = time.monotonic() + 10
+    while True:
+        status = sqlrepl.status(db_path)
+        if status.replicas[0].txid == status.txid and not _staged_keys(db_path):
+            break
+        assert time.monotonic() < deadline, (status, _staged_keys(db_path))
+        time.sleep(0.05)
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)  # (no sync() was called)
+    assert_same_database(db_path, restored)
+    conn.close()
+
+
+def _staged_keys(db: str) -> list[str]:
+    return [p.name for p in Path(db + "-sqlrepl", "objects").rglob("*") if p.is_file()]
 
 
 def test_writer_that_never_imported_sqlrepl(replica_url: str, db_path: str, tmp_path: Path) -> None:
