@@ -790,7 +790,7 @@ class Replicator:
         staged = await anyio.to_thread.run_sync(capture.capture, self._staging, self._gen())
         if staged is not None:
             # Held either way: a release merges it with those held before it.
-            await anyio.to_thread.run_sync(self._record_segment, staged, True)
+            await anyio.to_thread.run_sync(self._record_segment, staged)
         held = [o for o in self._staged if o.held]
         # Heavy writes: once a merge's worth is held, holding more only adds lag.
         if not hold or sum(o.size for o in held) >= _MERGE_STORED_MAX:
@@ -798,13 +798,14 @@ class Replicator:
         self._set_checked(asked)
         self._check_staging_limits()
 
-    def _record_segment(self, staged: Staged, hold: bool = False) -> None:
-        """Account for a new staged segment and persist the position (in a
-        worker thread, while the capture loop waits on it)."""
+    def _record_segment(self, staged: Staged) -> None:
+        """Account for a new staged segment, held until the next release, and
+        persist the position (in a worker thread, while the capture loop
+        waits on it)."""
         assert self._capture is not None
         self._txid = self._capture.txid
         obj = self._add_staged(staged)
-        obj.held = hold
+        obj.held = True
         obj.page_bytes = staged.header.page_count * staged.header.page_size
         self._since_snapshot_bytes += obj.size
         self._since_snapshot_count += 1
@@ -845,17 +846,8 @@ class Replicator:
         """Replace the segments of ``run`` by one segment covering them. The
         parts are deleted only once the merged object is durable (after a
         crash in between, both are staged and either serves)."""
-        gen = run[0].generation
-
-        def merge() -> str:
-            with self._staging.temp_object() as (f, finish):
-                header = merge_segments([o.path for o in run], f)
-                key = _format.segment_key(gen, header.first_txid, header.last_txid, header.timestamp_ms)
-                finish(key)
-            return key
-
         try:
-            key = await anyio.to_thread.run_sync(merge)
+            key = await anyio.to_thread.run_sync(self._stage_merged, run, None)
         except Exception as exc:  # uploading the parts as they are is as good
             log.error("merging txids %d-%d failed, uploading them apart: %s", run[0].first, run[-1].last, exc)
             return
@@ -868,6 +860,17 @@ class Replicator:
         self._staged.append(obj)
         self._staged.sort(key=lambda o: o.order)
 
+    def _stage_merged(self, parts: list[_Obj], root: str | None) -> str:
+        """Merge the consecutive segments ``parts`` into one staged object
+        (in ``root``; default: the objects to upload) and return its key."""
+        with self._staging.temp_object() as (f, finish):
+            header = merge_segments([o.path for o in parts], f)
+            key = _format.segment_key(
+                parts[0].generation, header.first_txid, header.last_txid, header.timestamp_ms
+            )
+            finish(key, root)
+        return key
+
     async def _checkpoint(self, *, restart: bool) -> None:
         capture = self._capture
         assert capture is not None
@@ -879,7 +882,7 @@ class Replicator:
                 self._staging,
                 self._gen(),
                 truncate_over=self.options.truncate_wal_bytes,
-                on_staged=lambda s: self._record_segment(s, True),
+                on_staged=self._record_segment,
                 restart=restart,
             )
         )
@@ -1103,23 +1106,11 @@ class Replicator:
         """Merge the window into one segment, staged for every replica."""
         window, self._window = self._window, []
         if len(window) >= 2:
-            gen = window[0].generation
-
-            def merge() -> _format.ObjectHeader:
-                with self._staging.temp_object() as (f, finish):
-                    header = merge_segments([o.path for o in window], f)
-                    finish(
-                        _format.segment_key(gen, header.first_txid, header.last_txid, header.timestamp_ms),
-                        self._staging.compacted,
-                    )
-                return header
-
             try:
-                header = await anyio.to_thread.run_sync(merge)
+                key = await anyio.to_thread.run_sync(self._stage_merged, window, self._staging.compacted)
             except Exception as exc:  # a bad window is not worth stopping for
                 log.error("compaction of txids %d-%d failed: %s", window[0].first, window[-1].last, exc)
             else:
-                key = _format.segment_key(gen, header.first_txid, header.last_txid, header.timestamp_ms)
                 obj = self._obj_from_key(key, compacted=True)
                 assert obj is not None
                 if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
