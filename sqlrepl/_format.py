@@ -8,7 +8,7 @@ An object is a 96-byte header followed by a body. The header (big-endian)::
     0   6  magic b"SQLRPL"
     6   1  kind: b"S" snapshot, b"G" segment
     7   1  format version (1)
-    8   4  flags: bit 0 = body is one zstd frame
+    8   4  flags: bit 0 = body is zstd (frames of ~1 MiB of records each)
     12  4  page size
     16  8  first txid (a snapshot: its txid)
     24  8  last txid (a snapshot: its txid)
@@ -43,7 +43,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Protocol, cast
 
 import xxhash
 import zstandard
@@ -59,6 +59,7 @@ __all__ = [
     "SegmentKey",
     "SnapshotKey",
     "iter_pages",
+    "iter_records",
     "new_generation_id",
     "page_hash",
     "parse_key",
@@ -135,7 +136,7 @@ class ObjectHeader:
         return head + struct.pack(">Q", xxhash.xxh3_64_intdigest(head))
 
 
-def read_header(data: bytes, *, key: str = "") -> ObjectHeader:
+def read_header(data: bytes | memoryview, *, key: str = "") -> ObjectHeader:
     """Decode and check an object header (the first :data:`HEADER_SIZE` bytes).
 
     Raises :class:`CorruptObjectError` naming ``key`` for a short header, a
@@ -194,7 +195,8 @@ class ObjectWriter:
         self._buf = bytearray()
         self._hash = xxhash.xxh3_64()
         self._length = 0
-        self._zstd = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compressobj()
+        self._zstd = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        self._frames = 0
         out.write(b"\0" * HEADER_SIZE)
 
     @property
@@ -208,14 +210,18 @@ class ObjectWriter:
         self._buf += page
         self._count += 1
         if len(self._buf) >= _CHUNK:
-            self._emit(self._zstd.compress(bytes(self._buf)))
-            self._buf.clear()
+            self._frame()
 
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self._out.write(data)
-            self._hash.update(data)
-            self._length += len(data)
+    def _frame(self) -> None:
+        # One zstd frame per chunk of whole records, its content size in its
+        # header: a reader can tell where each frame ends and decompress
+        # several at once (see iter_records).
+        data = self._zstd.compress(self._buf)
+        self._buf.clear()
+        self._frames += 1
+        self._out.write(data)
+        self._hash.update(data)
+        self._length += len(data)
 
     def finish(
         self,
@@ -229,10 +235,8 @@ class ObjectWriter:
         pre_checksum: int,
         post_checksum: int,
     ) -> ObjectHeader:
-        if self._buf:
-            self._emit(self._zstd.compress(bytes(self._buf)))
-            self._buf.clear()
-        self._emit(self._zstd.flush())
+        if self._buf or not self._frames:
+            self._frame()  # (an empty body is one empty frame)
         header = ObjectHeader(
             kind=kind,
             page_size=self._page_size,
@@ -257,7 +261,7 @@ class ObjectWriter:
 class Readable(Protocol):
     """Anything with a blocking ``read`` (a file, a stream of parts)."""
 
-    def read(self, size: int = -1, /) -> bytes: ...
+    def read(self, size: int = -1, /) -> bytes | memoryview: ...
 
 
 class _HashingReader:
@@ -269,7 +273,7 @@ class _HashingReader:
         self.hash = xxhash.xxh3_64()
         self.count = 0
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytes | memoryview:
         if size < 0 or size > self._left:
             size = self._left
         data = self._raw.read(size)
@@ -291,39 +295,60 @@ def iter_pages(header: ObjectHeader, body: Readable, *, key: str = "") -> Iterat
     provisional until iteration ends without :class:`CorruptObjectError`
     (restore writes into a temporary file for exactly this reason).
     """
+    rec = 4 + header.page_size
+    for chunk in iter_records(header, body, key=key):
+        view = memoryview(chunk)
+        for off in range(0, len(chunk), rec):
+            (pgno,) = _REC.unpack_from(view, off)
+            yield pgno, bytes(view[off + 4 : off + rec])
+
+
+def iter_records(header: ObjectHeader, body: Readable, *, key: str = "") -> Iterator[bytes | memoryview]:
+    """Yield an object's page records (see :func:`iter_pages`) in chunks of
+    about 1 MiB, each a whole number of records: ``4 + page size`` bytes
+    apiece, a big-endian page number and then the page. For readers that
+    handle many pages at once; the same checks, at the same point.
+    """
     where = f" ({key})" if key else ""
-    ps = header.page_size
-    rec = 4 + ps
+    rec = 4 + header.page_size
+    expected = header.page_count * rec
     reader = _HashingReader(body, header.body_length)
+    produced = 0
+    carry = b""  # the start of a record cut by the end of a piece
     try:
         if header.flags & FLAG_ZSTD:
             # _HashingReader has the read() that stream_reader uses, not all of IO.
             source = cast(IO[bytes], reader)
-            stream: BinaryIO = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+            stream: Readable = zstandard.ZstdDecompressor().stream_reader(
+                source, read_size=_CHUNK, read_across_frames=True
+            )
         else:
-            stream = reader  # type: ignore[assignment]
-        pending = b""
-        remaining = header.page_count
-        while remaining:
-            want = min(remaining, max(1, _CHUNK // rec)) * rec
-            chunk = pending + _read_exact(stream, want - len(pending))
-            if len(chunk) < rec:
-                raise CorruptObjectError(
-                    f"object truncated: body ends after {header.page_count - remaining} of"
-                    f" {header.page_count} pages{where}",
-                    key=key,
-                )
-            whole = len(chunk) - len(chunk) % rec
-            view = memoryview(chunk)
-            for off in range(0, whole, rec):
-                (pgno,) = _REC.unpack_from(view, off)
-                yield pgno, bytes(view[off + 4 : off + rec])
-                remaining -= 1
-            pending = bytes(view[whole:])
-        if _read_exact(stream, 1):
-            raise CorruptObjectError(f"object body has data after its last page{where}", key=key)
+            stream = reader
+        size = max(1, _CHUNK // rec) * rec  # whole records: no record is cut...
+        while piece := stream.read(size):  # ...unless a read comes back short
+            produced += len(piece)
+            if produced > expected:
+                raise CorruptObjectError(f"object body has data after its last page{where}", key=key)
+            view = memoryview(piece)
+            if carry:
+                need = rec - len(carry)
+                carry += bytes(view[:need])
+                view = view[need:]
+                if len(carry) < rec:
+                    continue
+                yield carry
+                carry = b""
+            whole = len(view) - len(view) % rec
+            if whole:
+                yield view[:whole]
+            carry = bytes(view[whole:])
     except zstandard.ZstdError as exc:
         raise CorruptObjectError(f"object body does not decompress: {exc}{where}", key=key) from exc
+    if produced < expected:
+        raise CorruptObjectError(
+            f"object truncated: body ends after {produced // rec} of {header.page_count} pages{where}",
+            key=key,
+        )
     while reader.read(_CHUNK):
         pass
     if reader.count != header.body_length:
@@ -333,17 +358,6 @@ def iter_pages(header: ObjectHeader, body: Readable, *, key: str = "") -> Iterat
         )
     if reader.hash.intdigest() != header.body_checksum:
         raise CorruptObjectError(f"object body checksum mismatch{where}", key=key)
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    parts = []
-    while size > 0:
-        data = stream.read(size)
-        if not data:
-            break
-        parts.append(data)
-        size -= len(data)
-    return b"".join(parts)
 
 
 # ---- keys ---------------------------------------------------------------

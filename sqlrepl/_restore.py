@@ -25,7 +25,9 @@ import queue
 import secrets
 import shutil
 import sqlite3
+import struct
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 import anyio.from_thread
+import xxhash
 
 from . import _format
 from ._errors import (
@@ -45,7 +48,7 @@ from ._errors import (
     RestoreError,
     SqlreplError,
 )
-from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
+from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, read_header
 from ._replica import ObjectInfo, ReplicaClient, open_replica, redact_url
 from ._staging import fsync_dir, staging_dir_for
 from ._wal import lock_page
@@ -234,7 +237,12 @@ class RestoreResult:
 
 
 class _Applier:
-    """Applies snapshot and segments to a file, tracking the database checksum."""
+    """Applies snapshot and segments to a file, tracking the database checksum.
+
+    Two threads share the work of one object: the caller's reads and
+    decompresses (zstd lets go of the GIL), a :class:`_PageWriter` checks,
+    hashes and writes the pages.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -272,25 +280,13 @@ class _Applier:
                 os.ftruncate(self.fd, header.truncate_size * header.page_size)
         if header.db_size > len(self.hashes):
             self.hashes.extend(array.array("Q", bytes(8 * (header.db_size - len(self.hashes)))))
+        writer = _PageWriter(self, header, key)
+        try:
+            for chunk in _format.iter_records(header, f, key=key):
+                writer.put(chunk)
+        finally:
+            writer.close()
         ps = header.page_size
-        skip = lock_page(ps)
-        # Consecutive pages go to disk in one write (snapshots are all runs).
-        run: list[bytes] = []
-        run_start = 0
-        for pgno, page in _format.iter_pages(header, f, key=key):
-            if pgno < 1 or pgno > header.db_size or pgno == skip:
-                raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
-            h = page_hash(pgno, page)
-            self.checksum ^= self.hashes[pgno - 1] ^ h
-            self.hashes[pgno - 1] = h
-            if run and pgno == run_start + len(run) and len(run) < _RUN_PAGES:
-                run.append(page)
-                continue
-            if run:
-                os.pwrite(self.fd, b"".join(run), (run_start - 1) * ps)
-            run, run_start = [page], pgno
-        if run:
-            os.pwrite(self.fd, b"".join(run), (run_start - 1) * ps)
         if header.db_size < len(self.hashes):
             for h in self.hashes[header.db_size :]:
                 self.checksum ^= h
@@ -304,36 +300,115 @@ class _Applier:
         return header
 
 
+class _PageWriter:
+    """A thread that writes one object's page records into the database file.
+
+    Fed chunks of records (:func:`_format.iter_records`) through a short
+    queue; checks each page number, updates the applier's checksum and
+    writes runs of consecutive pages with one ``pwrite``. The first error
+    it meets is raised by the next :meth:`put` or by :meth:`close`.
+    """
+
+    _DEPTH = 4  # chunks (~1 MiB each) waiting
+    _END = None
+
+    def __init__(self, applier: _Applier, header: _format.ObjectHeader, key: str) -> None:
+        self._applier = applier
+        self._header = header
+        self._key = key
+        self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(self._DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sqlrepl-restore-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, chunk: bytes | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(chunk)
+
+    def close(self) -> None:
+        """Wait for every page put to be written; raise the writer's error."""
+        self._q.put(self._END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            self._write_all()
+        except BaseException as exc:
+            self._error = exc
+            while self._q.get() is not self._END:  # let put() and close() through
+                pass
+
+    def _write_all(self) -> None:
+        a, header, key = self._applier, self._header, self._key
+        fd, ps, hashes = a.fd, header.page_size, a.hashes
+        rec = 4 + ps
+        limit, skip = header.db_size, lock_page(ps)
+        numbers = struct.Struct(f">I{ps}x")  # a record's page number, its page skipped
+        zeros = bytes(ps)
+        xxh3 = xxhash.xxh3_64_intdigest
+        checksum = a.checksum
+        run: list[memoryview] = []  # consecutive pages, written at once
+        run_start = 0
+        while (chunk := self._q.get()) is not self._END:
+            view = memoryview(chunk)
+            off = 4
+            for (pgno,) in numbers.iter_unpack(chunk):
+                if pgno < 1 or pgno > limit or pgno == skip:
+                    raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
+                page = view[off : off + ps]
+                off += rec
+                # page_hash(), inlined: this loop runs once per page restored.
+                h = 0 if page == zeros else xxh3(page, seed=pgno)
+                checksum ^= hashes[pgno - 1] ^ h
+                hashes[pgno - 1] = h
+                if run and pgno == run_start + len(run) and len(run) < _RUN_PAGES:
+                    run.append(page)
+                    continue
+                if run:
+                    os.pwrite(fd, b"".join(run), (run_start - 1) * ps)
+                run, run_start = [page], pgno
+        if run:
+            os.pwrite(fd, b"".join(run), (run_start - 1) * ps)
+        a.checksum = checksum
+
+
 class _PartReader:
     """A blocking file-like view of an object arriving in parts.
 
     Fed, in order, by the event loop (:meth:`put`); read by the applier's
-    worker thread. Each part taken frees a slot of ``window`` (an anyio
-    semaphore, released through the loop), which bounds the parts held.
+    worker thread. Each part taken gives its weight back to the download
+    :class:`_Window` (through the loop), which bounds the parts held.
     """
 
     _END = object()
 
-    def __init__(self, window: anyio.Semaphore) -> None:
-        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+    def __init__(self, window: _Window) -> None:
+        self._q: queue.SimpleQueue[tuple[object, int]] = queue.SimpleQueue()
         self._buf = memoryview(b"")
         self._window = window
         self._done = False
 
-    def put(self, item: bytes | BaseException) -> None:
-        self._q.put(item)
+    def put(self, item: bytes | BaseException, weight: int) -> None:
+        self._q.put((item, weight))
 
     def end(self) -> None:
-        self._q.put(self._END)
+        self._q.put((self._END, 0))
 
-    def read(self, size: int = -1) -> bytes:
-        out: list[bytes] = []
+    def read(self, size: int = -1) -> bytes | memoryview:
+        """Up to ``size`` bytes (all that is left for -1); a view into the
+        part, not a copy, when one part holds them."""
+        out: list[memoryview] = []
         want = size if size >= 0 else 1 << 62
         while want > 0:
             if not self._buf:
                 if self._done:
                     break
-                item = self._q.get()
+                item, weight = self._q.get()
+                if weight:
+                    anyio.from_thread.run_sync(self._window.give, weight)
                 if item is self._END:
                     self._done = True
                     break
@@ -342,11 +417,12 @@ class _PartReader:
                     raise item
                 assert isinstance(item, bytes)
                 self._buf = memoryview(item)
-                anyio.from_thread.run_sync(self._window.release)
             take = self._buf[:want]
-            out.append(bytes(take))
+            out.append(take)
             self._buf = self._buf[len(take) :]
             want -= len(take)
+        if len(out) == 1:
+            return out[0]
         return b"".join(out)
 
 
@@ -485,54 +561,91 @@ async def _restore_plan(
     client: ReplicaClient, plan: RestorePlan, path: str, work: str, parallelism: int
 ) -> RestoreResult:
     """Download and apply ``plan`` into a file in ``work``, then put it at
-    ``path``. Objects are applied in order as they arrive: small ones are
-    fetched ahead whole (at most ``parallelism + 2`` at a time), large ones
-    in ranged parts streamed into the applier; nothing is written to disk
-    but the database, and at most ``parallelism + 2`` parts are in memory."""
+    ``path``. Objects are applied in order while the ones after them download:
+    small ones whole, large ones in ranged parts streamed into the applier.
+    Nothing is written to disk but the database, and the downloaded data
+    held at once (in flight or waiting) is bounded by :class:`_Window`."""
     keys = plan.keys
-    limiter = anyio.CapacityLimiter(max(1, parallelism))
-    ahead = anyio.Semaphore(max(1, parallelism) + 2)
-    small: dict[int, bytes | BaseException] = {}
-    arrived = [anyio.Event() for _ in keys]
+    parallelism = max(1, parallelism)
+    # One download queue over every object, so the next objects arrive while
+    # this one is applied: (object, start, length), length -1 for a whole GET.
+    pieces: list[tuple[int, int, int]] = []
+    for i, (_key, size) in enumerate(keys):
+        if size <= PART_SIZE:
+            pieces.append((i, 0, -1))
+        else:
+            pieces.extend((i, start, min(PART_SIZE, size - start)) for start in range(0, size, PART_SIZE))
+    limiter = anyio.CapacityLimiter(parallelism)
+    window = _Window((parallelism + 2) * PART_SIZE)
+    got: dict[int, bytes | BaseException] = {}
+    arrived = [anyio.Event() for _ in pieces]
+    readers = {i: _PartReader(window) for i, (_key, size) in enumerate(keys) if size > PART_SIZE}
+    whole = {i: n for n, (i, _start, length) in enumerate(pieces) if length < 0}
     total = 0
     tmp_db = os.path.join(work, "restored.db")
     fd = os.open(tmp_db, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     applier = _Applier(fd)
 
-    async def fetch_small(i: int) -> None:
+    def weight(n: int) -> int:
+        i, _start, length = pieces[n]
+        return max(_Window.MIN_PIECE, keys[i][1] if length < 0 else length)
+
+    async def fetch(n: int) -> None:
+        i, start, length = pieces[n]
+        key = keys[i][0]
         try:
             async with limiter:
-                small[i] = await client.get(keys[i][0])
+                got[n] = await (client.get(key) if length < 0 else client.get_range(key, start, length))
         except Exception as exc:  # handed to the applier, which raises it in order
-            small[i] = exc
-        arrived[i].set()
+            got[n] = exc
+        arrived[n].set()
 
-    async def prefetch(tg: anyio.abc.TaskGroup) -> None:
-        for i, (_key, size) in enumerate(keys):
-            if size <= PART_SIZE:
-                await ahead.acquire()
-                tg.start_soon(fetch_small, i)
+    async def feed(tg: anyio.abc.TaskGroup) -> None:
+        for n in range(len(pieces)):
+            await window.take(weight(n))
+            tg.start_soon(fetch, n)
+
+    async def deliver() -> None:
+        """Parts of large objects, in order, to their readers."""
+        try:
+            for n, (i, start, length) in enumerate(pieces):
+                if length < 0:
+                    continue
+                await arrived[n].wait()
+                readers[i].put(got.pop(n), weight(n))
+                if start + length == keys[i][1]:
+                    readers[i].end()
+        except BaseException:
+            for reader in readers.values():
+                reader.put(RestoreError("the download stopped"), 0)
+            raise
 
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(prefetch, tg)
+            tg.start_soon(feed, tg)
+            tg.start_soon(deliver)
             for i, (key, size) in enumerate(keys):
-                if size <= PART_SIZE:
-                    await arrived[i].wait()
-                    got = small.pop(i)
-                    ahead.release()
-                    if isinstance(got, BaseException):
-                        raise got
-                    total += len(got)
-                    await anyio.to_thread.run_sync(applier.apply, io.BytesIO(got), key, len(got))
+                if i in whole:
+                    n = whole[i]
+                    await arrived[n].wait()
+                    data = got.pop(n)
+                    window.give(weight(n))
+                    if isinstance(data, BaseException):
+                        raise data
+                    total += len(data)
+                    await anyio.to_thread.run_sync(applier.apply, io.BytesIO(data), key, len(data))
                 else:
-                    await _stream_large(client, key, size, applier, limiter)
+                    await anyio.to_thread.run_sync(applier.apply, readers[i], key, size)
                     total += size
             tg.cancel_scope.cancel()
-        await anyio.to_thread.run_sync(os.fsync, fd)
+        # Both must pass before the rename. The check reads the pages from
+        # the page cache while the fsync writes them out (on 2 cores this
+        # beat sending them to disk during the download: 3.8 s against 4.1).
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, os.fsync, fd)
+            tg.start_soon(anyio.to_thread.run_sync, _check_database, tmp_db)
     finally:
         os.close(fd)
-    await anyio.to_thread.run_sync(_check_database, tmp_db)
     # Stale WAL or shared-memory files beside the target would be replayed
     # onto the restored database by SQLite: move them aside, keep them.
     for suffix in ("-wal", "-shm", "-journal"):
@@ -544,51 +657,28 @@ async def _restore_plan(
     return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
 
 
-async def _stream_large(
-    client: ReplicaClient, key: str, size: int, applier: _Applier, limiter: anyio.CapacityLimiter
-) -> None:
-    """Apply a large object while downloading it: ranged GETs in parallel,
-    handed to the applier in order."""
-    starts = list(range(0, size, PART_SIZE))
-    window = anyio.Semaphore(int(limiter.total_tokens) + 2)
-    reader = _PartReader(window)
-    parts: dict[int, bytes | BaseException] = {}
-    arrived = [anyio.Event() for _ in starts]
+class _Window:
+    """Bytes of downloaded data held at once: in flight, or waiting to be
+    applied. The download takes before each GET and the applier gives back
+    as it consumes (on the event loop). One taker. A piece counts at least
+    ``MIN_PIECE``, which bounds the GETs queued for tiny objects."""
 
-    async def fetch(j: int) -> None:
-        try:
-            async with limiter:
-                parts[j] = await client.get_range(key, starts[j], min(PART_SIZE, size - starts[j]))
-        except Exception as exc:
-            parts[j] = exc
-        arrived[j].set()
+    MIN_PIECE = 256 << 10
 
-    async def feed(tg: anyio.abc.TaskGroup) -> None:
-        try:
-            for j in range(len(starts)):
-                await window.acquire()
-                tg.start_soon(fetch, j)
-        except BaseException:
-            reader.put(RestoreError(f"download of {key} stopped"))
-            raise
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._freed = anyio.Event()
 
-    async def deliver() -> None:
-        try:
-            for j in range(len(starts)):
-                await arrived[j].wait()
-                reader.put(parts.pop(j))
-            reader.end()
-        except BaseException:
-            reader.put(RestoreError(f"download of {key} stopped"))
-            raise
+    async def take(self, n: int) -> None:
+        while self._used > 0 and self._used + n > self._limit:
+            self._freed = anyio.Event()
+            await self._freed.wait()
+        self._used += n
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(feed, tg)
-        tg.start_soon(deliver)
-        try:
-            await anyio.to_thread.run_sync(applier.apply, reader, key, size)
-        finally:
-            tg.cancel_scope.cancel()
+    def give(self, n: int) -> None:
+        self._used -= n
+        self._freed.set()
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
