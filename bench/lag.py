@@ -25,6 +25,8 @@ counted as ``stale_arrivals`` and otherwise ignored.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -41,7 +43,8 @@ def marker_lags(
     object); ``max_marker_at(position)`` restores and returns ``max(id)``.
 
     Returns per-marker lags (seconds, ``None`` if never restorable in the
-    window), the number of restores made, and out-of-order arrivals.
+    window), the number of restores made, out-of-order arrivals, and how many
+    markers' commits returned after the next marker's.
     """
     steps: list[tuple[float, Hashable]] = []
     stale_arrivals = 0
@@ -57,12 +60,32 @@ def marker_lags(
             memo[i] = max_marker_at(steps[i][1])
         return memo[i]
 
+    # Each marker on its own: markers are numbered when they fall due, but a
+    # commit can return after a later-numbered one (it waited longer for the
+    # write lock), so commit times need not grow with the number. (A single
+    # forward scan over both once made every marker after such a late one
+    # wait for the position that held the late one: lags of 2 s that were
+    # not there.) Positions only grow, so the first position holding marker
+    # k is found by bisection among those readable after its commit.
+    times = [t for t, _ in steps]
     lags: list[float | None] = []
-    i = 0
     for k, t_commit in sorted(markers):
         # A position readable before the commit returned is not counted as
         # holding it (conservative; both sides of that race are milliseconds).
-        while i < len(steps) and not (steps[i][0] >= t_commit and at(i) >= k):
-            i += 1
-        lags.append(steps[i][0] - t_commit if i < len(steps) else None)
-    return {"lags": lags, "restores": len(memo), "positions": len(steps), "stale_arrivals": stale_arrivals}
+        lo, hi = bisect.bisect_left(times, t_commit), len(steps)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mid) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        lags.append(steps[lo][0] - t_commit if lo < len(steps) else None)
+    ordered = sorted(markers)
+    late = sum(1 for a, b in itertools.pairwise(ordered) if a[1] > b[1])
+    return {
+        "lags": lags,
+        "restores": len(memo),
+        "positions": len(steps),
+        "stale_arrivals": stale_arrivals,
+        "commits_after_a_later_marker": late,
+    }

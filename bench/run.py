@@ -394,6 +394,8 @@ def run_one(
         t0 = time.monotonic()
         lag = marker_lags([tuple(m) for m in res["markers"]], visible, max_marker_at)
         lag["mapping_seconds"] = time.monotonic() - t0
+        # (id, when its commit returned, s after go): the arithmetic can be checked later.
+        lag["markers"] = [[k, round(t - t_go, 4)] for k, t in res["markers"]]
         out["lag"] = lag
     remove_db(db)
     shutil.rmtree(db + "-sqlrepl", ignore_errors=True)
