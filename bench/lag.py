@@ -88,4 +88,5 @@ def marker_lags(
         "positions": len(steps),
         "stale_arrivals": stale_arrivals,
         "commits_after_a_later_marker": late,
+        "held": [[steps[i][0], memo[i]] for i in sorted(memo)],  # (readable at, max marker id)
     }

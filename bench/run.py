@@ -396,6 +396,7 @@ def run_one(
         lag["mapping_seconds"] = time.monotonic() - t0
         # (id, when its commit returned, s after go): the arithmetic can be checked later.
         lag["markers"] = [[k, round(t - t_go, 4)] for k, t in res["markers"]]
+        lag["held"] = [[round(t - t_go, 4), k] for t, k in lag["held"]]
         out["lag"] = lag
     remove_db(db)
     shutil.rmtree(db + "-sqlrepl", ignore_errors=True)
