@@ -39,6 +39,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -62,6 +63,8 @@ from ._errors import (
     ReplicaUnavailableError,
 )
 from ._replica import ObjectInfo, RequestStats
+
+log = logging.getLogger("sqlrepl")
 
 __all__ = ["S3ReplicaClient", "S3Settings", "from_url"]
 
@@ -585,14 +588,22 @@ class S3ReplicaClient:
         upload_id: str = created["UploadId"]
         try:
             etags = await self._upload_parts(key, full, upload_id, path, size, part_size, count)
-            await self._call(
-                "complete_multipart_upload",
-                "put",
-                key,
-                Key=full,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]},
-            )
+            parts = [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]
+            try:
+                await self._call(
+                    "complete_multipart_upload",
+                    "put",
+                    key,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except ReplicaError as exc:
+                # A retried complete whose first try did complete (its answer
+                # lost on the way) finds no upload: the object is there.
+                if _error_code(exc.__cause__) != "NoSuchUpload" or not await self._has(key, full, size):
+                    raise
+                log.info("%s: the upload had completed; its answer was lost", self._where(key))
         except BaseException:
             abort = asyncio.ensure_future(self._abort(full, upload_id))
             self._background.add(abort)
@@ -636,6 +647,16 @@ class S3ReplicaClient:
 
         await _run_all([worker for _ in range(min(self._settings.upload_concurrency, count))])
         return etags
+
+    async def _has(self, key: str, full: str, size: int) -> bool:
+        """Whether the store holds ``key`` at ``size`` bytes (HeadObject).
+        Object keys are never reused for other contents, so that is the
+        object this client uploaded."""
+        try:
+            head = await self._call("head_object", "check", key, Key=full)
+        except ReplicaError:
+            return False
+        return int(head.get("ContentLength", -1)) == size
 
     async def _abort(self, full: str, upload_id: str) -> None:
         with contextlib.suppress(Exception):

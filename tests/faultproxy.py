@@ -14,6 +14,8 @@ through again. Kinds:
 
 - ``"http500"``: answer ``500 InternalError`` (an S3 XML error) and close.
 - ``"slowdown"``: answer ``503 SlowDown`` and close.
+- ``"no_such_upload"``: answer ``404 NoSuchUpload`` and close (a store that
+  forgets a multipart upload once it is complete).
 - ``"stall"``: hold the request ``seconds``, then forward it (a server that is
   very slow to answer; a client with a shorter read timeout gives up first).
 - ``"cut_request"``: read ``after_bytes`` of the request body, then reset the
@@ -43,11 +45,12 @@ from types import TracebackType
 
 __all__ = ["FAULT_KINDS", "FaultProxy"]
 
-FAULT_KINDS = ("http500", "slowdown", "stall", "cut_request", "cut_response")
+FAULT_KINDS = ("http500", "slowdown", "no_such_upload", "stall", "cut_request", "cut_response")
 
 _ERRORS = {
     "http500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "no_such_upload": (404, "Not Found", "NoSuchUpload", "The specified multipart upload does not exist."),
 }
 
 

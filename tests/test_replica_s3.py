@@ -645,6 +645,47 @@ async def test_failed_multipart_upload_is_aborted(
         await client.get("big")
 
 
+@pytest.mark.s3
+@pytest.mark.asyncio
+async def test_lost_answer_to_a_completed_multipart_upload(
+    s3_bucket: str, s3_env: dict[str, str], proxy: FaultProxy, tmp_path: Path, opened: list[S3ReplicaClient]
+) -> None:
+    """The store completes the upload but the connection drops before its
+    answer arrives, and the retried CompleteMultipartUpload finds no upload
+    (NoSuchUpload, as a store that forgets completed uploads answers;
+    SeaweedFS itself answers the retry with success, so the proxy plays that
+    store). The object is there, whole: put_file succeeds and aborts nothing."""
+    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
+    data = os.urandom(12 * MiB)
+    source = tmp_path / "big"
+    source.write_bytes(data)
+    proxy.inject("cut_response", times=1, method="POST", path_contains="uploadId=", after_bytes=0)
+    proxy.inject("no_such_upload", times=1, method="POST", path_contains="uploadId=")
+    await client.put_file("big", source)
+    assert (proxy.counts["cut_response"], proxy.counts["no_such_upload"]) == (1, 1)
+    assert client.stats.requests["PUT"] == 1 + 3 + 2  # create, 3 parts, complete twice
+    assert client.stats.requests["HEAD"] == 1  # the check that the object is there
+    assert client.stats.requests["DELETE"] == 0  # nothing aborted
+    assert await client.get("big") == data
+
+
+@pytest.mark.s3
+@pytest.mark.asyncio
+async def test_no_such_upload_without_the_object_is_an_error(
+    s3_bucket: str, s3_env: dict[str, str], proxy: FaultProxy, tmp_path: Path, opened: list[S3ReplicaClient]
+) -> None:
+    """NoSuchUpload when the upload never completed (a lifecycle rule
+    aborted it under us): an error to retry later, never a false success."""
+    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
+    source = tmp_path / "big"
+    source.write_bytes(os.urandom(12 * MiB))
+    proxy.inject("no_such_upload", times=5, method="POST", path_contains="uploadId=")
+    with pytest.raises(ReplicaUnavailableError, match="NoSuchUpload"):
+        await client.put_file("big", source)
+    with pytest.raises(ObjectNotFoundError):
+        await client.get("big")
+
+
 # -- a server that dies and comes back ----------------------------------------
 
 
