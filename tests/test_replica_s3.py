@@ -478,6 +478,18 @@ def proxied_url(s3_bucket: str, proxy: FaultProxy, extra: str = "") -> str:
     return f"s3://{s3_bucket}/p?endpoint={proxy.endpoint}{extra}"
 
 
+def multipart_through(
+    s3_bucket: str, proxy: FaultProxy, tmp_path: Path, opened: list[S3ReplicaClient]
+) -> tuple[S3ReplicaClient, Path, bytes]:
+    """A client through ``proxy`` that sends files over 5 MiB in 5 MiB parts,
+    and a 12 MiB file of random bytes to send: three parts."""
+    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
+    data = os.urandom(12 * MiB)
+    source = tmp_path / "big"
+    source.write_bytes(data)
+    return client, source, data
+
+
 @pytest.mark.s3
 @pytest.mark.asyncio
 @pytest.mark.parametrize("fault", ["http500", "slowdown"])
@@ -609,10 +621,7 @@ async def test_multipart_part_failure_is_retried(
     s3_bucket: str, s3_env: dict[str, str], proxy: FaultProxy, tmp_path: Path, opened: list[S3ReplicaClient]
 ) -> None:
     """A 500 on one part of a multipart upload is retried for that part only."""
-    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
-    data = os.urandom(12 * MiB)
-    source = tmp_path / "big"
-    source.write_bytes(data)
+    client, source, data = multipart_through(s3_bucket, proxy, tmp_path, opened)
     proxy.inject("http500", times=1, method="PUT", path_contains="partNumber=2")
     await client.put_file("big", source)
     assert proxy.counts["http500"] == 1
@@ -631,9 +640,7 @@ async def test_failed_multipart_upload_is_aborted(
     opened: list[S3ReplicaClient],
 ) -> None:
     """When a part keeps failing, put_file raises ReplicaUnavailableError and aborts the upload."""
-    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
-    source = tmp_path / "big"
-    source.write_bytes(os.urandom(12 * MiB))
+    client, source, _ = multipart_through(s3_bucket, proxy, tmp_path, opened)
     proxy.inject("http500", times=100, method="PUT", path_contains="partNumber=2")
     with pytest.raises(ReplicaUnavailableError, match="InternalError"):
         await client.put_file("big", source)
@@ -655,10 +662,7 @@ async def test_lost_answer_to_a_completed_multipart_upload(
     (NoSuchUpload, as a store that forgets completed uploads answers;
     SeaweedFS itself answers the retry with success, so the proxy plays that
     store). The object is there, whole: put_file succeeds and aborts nothing."""
-    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
-    data = os.urandom(12 * MiB)
-    source = tmp_path / "big"
-    source.write_bytes(data)
+    client, source, data = multipart_through(s3_bucket, proxy, tmp_path, opened)
     proxy.inject("cut_response", times=1, method="POST", path_contains="uploadId=", after_bytes=0)
     proxy.inject("no_such_upload", times=1, method="POST", path_contains="uploadId=")
     await client.put_file("big", source)
@@ -676,9 +680,7 @@ async def test_no_such_upload_without_the_object_is_an_error(
 ) -> None:
     """NoSuchUpload when the upload never completed (a lifecycle rule
     aborted it under us): an error to retry later, never a false success."""
-    client = s3_client(proxied_url(s3_bucket, proxy, "&multipart_threshold=5MiB&part_size=5MiB"), opened)
-    source = tmp_path / "big"
-    source.write_bytes(os.urandom(12 * MiB))
+    client, source, _ = multipart_through(s3_bucket, proxy, tmp_path, opened)
     proxy.inject("no_such_upload", times=5, method="POST", path_contains="uploadId=")
     with pytest.raises(ReplicaUnavailableError, match="NoSuchUpload"):
         await client.put_file("big", source)
