@@ -68,8 +68,9 @@ def marker_lags(
     # not there.) Positions only grow, so the first position holding marker
     # k is found by bisection among those readable after its commit.
     times = [t for t, _ in steps]
+    ordered = sorted(markers)
     lags: list[float | None] = []
-    for k, t_commit in sorted(markers):
+    for k, t_commit in ordered:
         # A position readable before the commit returned is not counted as
         # holding it (conservative; both sides of that race are milliseconds).
         lo, hi = bisect.bisect_left(times, t_commit), len(steps)
@@ -80,7 +81,6 @@ def marker_lags(
             else:
                 lo = mid + 1
         lags.append(steps[lo][0] - t_commit if lo < len(steps) else None)
-    ordered = sorted(markers)
     late = sum(1 for a, b in itertools.pairwise(ordered) if a[1] > b[1])
     return {
         "lags": lags,

@@ -196,7 +196,6 @@ class ObjectWriter:
         self._hash = xxhash.xxh3_64()
         self._length = 0
         self._zstd = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-        self._frames = 0
         out.write(b"\0" * HEADER_SIZE)
 
     @property
@@ -214,11 +213,9 @@ class ObjectWriter:
 
     def _frame(self) -> None:
         # One zstd frame per chunk of whole records, its content size in its
-        # header: a reader can tell where each frame ends and decompress
-        # several at once (see iter_records).
+        # header (docs/format.md): frames that can be read on their own.
         data = self._zstd.compress(self._buf)
         self._buf.clear()
-        self._frames += 1
         self._out.write(data)
         self._hash.update(data)
         self._length += len(data)
@@ -235,7 +232,7 @@ class ObjectWriter:
         pre_checksum: int,
         post_checksum: int,
     ) -> ObjectHeader:
-        if self._buf or not self._frames:
+        if self._buf or not self._length:
             self._frame()  # (an empty body is one empty frame)
         header = ObjectHeader(
             kind=kind,

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 import anyio.from_thread
-import xxhash
 
 from . import _format
 from ._errors import (
@@ -48,7 +47,7 @@ from ._errors import (
     RestoreError,
     SqlreplError,
 )
-from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, read_header
+from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
 from ._replica import ObjectInfo, ReplicaClient, open_replica, redact_url
 from ._staging import fsync_dir, staging_dir_for
 from ._wal import lock_page
@@ -347,8 +346,6 @@ class _PageWriter:
         rec = 4 + ps
         limit, skip = header.db_size, lock_page(ps)
         numbers = struct.Struct(f">I{ps}x")  # a record's page number, its page skipped
-        zeros = bytes(ps)
-        xxh3 = xxhash.xxh3_64_intdigest
         checksum = a.checksum
         run: list[memoryview] = []  # consecutive pages, written at once
         run_start = 0
@@ -360,8 +357,7 @@ class _PageWriter:
                     raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
                 page = view[off : off + ps]
                 off += rec
-                # page_hash(), inlined: this loop runs once per page restored.
-                h = 0 if page == zeros else xxh3(page, seed=pgno)
+                h = page_hash(pgno, page)
                 checksum ^= hashes[pgno - 1] ^ h
                 hashes[pgno - 1] = h
                 if run and pgno == run_start + len(run) and len(run) < _RUN_PAGES:
