@@ -820,6 +820,8 @@ class Capture:
                 raise ContinuityLost(f"a copied segment could not be made durable: {exc}") from exc
             on_staged(piece)
             staged = piece
+            if self._shm_fd is None or not checkpointer_waiting(self._shm_fd):
+                break  # gone already, or it was a writer beside a PASSIVE checkpoint
         pos = self.position
         assert pos is not None
         assert self._shm_fd is not None

@@ -8,14 +8,16 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import anyio
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url, query, restore_fresh
+from helpers import ROOT, assert_same_database, fast_options, file_url, make_db, query, restore_fresh
 
 import sqlrepl
+from sqlrepl import _wal
 from sqlrepl._restore import list_generations
 
 WRITER = r"""
@@ -150,3 +152,42 @@ def test_checkpoints_by_the_apps_own_connection_complete(db_path: str, tmp_path:
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db_path, restored)
+
+
+def test_the_lock_probe_tells_a_waiting_checkpoint_from_a_writer(tmp_path: Path) -> None:
+    """The -shm lock probe reports a TRUNCATE held back by a reader (run by
+    this very process), and neither an idle database nor a plain writer."""
+    db = str(tmp_path / "probe.db")
+    make_db(db)
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO t(v) VALUES (1)")
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchall()
+    fd = _wal.long_lived_fd(db + "-shm")
+    assert fd is not None
+    assert not _wal.checkpointer_waiting(fd)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t(v) VALUES (2)")
+    assert not _wal.checkpointer_waiting(fd)
+    writer.execute("COMMIT")
+    result: list[tuple[int, int, int]] = []
+    ckpt = sqlite3.connect(db, timeout=60, isolation_level=None, check_same_thread=False)
+    thread = threading.Thread(
+        target=lambda: result.append(ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not _wal.checkpointer_waiting(fd):
+            assert time.monotonic() < deadline, "the probe never saw the waiting checkpoint"
+            time.sleep(0.005)
+        assert not result  # it is still waiting for the reader
+    finally:
+        reader.execute("ROLLBACK")
+        thread.join(60)
+    assert result == [(0, 0, 0)]
+    assert not _wal.checkpointer_waiting(fd)
+    for conn in (writer, reader, ckpt):
+        conn.close()
