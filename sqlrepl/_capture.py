@@ -49,6 +49,7 @@ from ._wal import (
     WAL_HEADER_SIZE,
     IndexHeader,
     WalHeader,
+    checkpointer_waiting,
     frame_offset,
     lock_page,
     long_lived_fd,
@@ -136,6 +137,7 @@ class Capture:
         self._ckpt: sqlite3.Connection | None = None
         self._barrier_conn: sqlite3.Connection | None = None
         self.wants_write_lock = False
+        self._gave_way_at: IndexHeader | None = None
         self._db_fd: int | None = None
         self._shm_fd: int | None = None
         self._wal_fd: int | None = None
@@ -726,8 +728,8 @@ class Capture:
                     conn.execute("BEGIN IMMEDIATE")
                     return True
                 except sqlite3.OperationalError:
-                    if time.monotonic() > deadline:
-                        return False
+                    if time.monotonic() > deadline or self.checkpointer_waiting():
+                        return False  # (a checkpointer's write lock: see give_way)
                     time.sleep(0.00005)
         finally:
             self.wants_write_lock = False
@@ -769,6 +771,83 @@ class Capture:
             pass
         finally:
             self._ckpt.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+
+    # -- other connections' checkpoints ----------------------------------------
+
+    def checkpointer_waiting(self) -> bool:
+        """Cheap (two lock queries): is a FULL, RESTART or TRUNCATE checkpoint
+        of another connection (another process's, or one of the app's own)
+        holding the write lock, probably waiting for our pin? False once
+        :meth:`give_way` has done all it could for the WAL as it is now."""
+        if self._shm_fd is None or not checkpointer_waiting(self._shm_fd):
+            return False
+        return self._gave_way_at is None or self.index() != self._gave_way_at
+
+    def give_way(
+        self, staging: Staging, generation: str, *, on_staged: Callable[[Staged], None], timeout: float = 0.5
+    ) -> Staged | None:
+        """Let another connection's FULL, RESTART or TRUNCATE checkpoint
+        through, instead of making it (and, behind its write lock, every
+        writer) wait for its whole busy timeout.
+
+        Such a checkpoint holds the write lock, so the WAL cannot grow
+        meanwhile. We copy every committed frame, make the copy durable and
+        record the position (``on_staged``), as under our own write barrier;
+        then our pin no longer holds back its copying. Its restart of the
+        WAL waits for every reader to leave the WAL, so once it has copied
+        the whole WAL we move our pin onto read-mark zero: a reader of the
+        database file alone, which lets the WAL restart but keeps any
+        checkpoint from writing the *next* WAL's frames into the file
+        before we copy them. That is the state our own complete checkpoint
+        leaves, and the restart is then the one :meth:`capture` proves (the
+        file cut to the replicated size): the generation goes on.
+
+        Returns within about ``timeout`` seconds, also when the checkpoint
+        waits for someone else (another reader); the captured segment, if
+        any, is returned (already recorded).
+        """
+        deadline = time.monotonic() + timeout
+        staged = None
+        # (One capture copies everything today; the loop keeps this right
+        # for a capture that copies a bounded piece at a time.)
+        while time.monotonic() < deadline:
+            piece = self.capture(staging, generation, sync=False)
+            if piece is None:
+                break
+            try:
+                staging.make_durable(piece.path)
+            except OSError as exc:
+                raise ContinuityLost(f"a copied segment could not be made durable: {exc}") from exc
+            on_staged(piece)
+            staged = piece
+            if self._shm_fd is None or not checkpointer_waiting(self._shm_fd):
+                break  # gone already, or it was a writer beside a PASSIVE checkpoint
+        pos = self.position
+        assert pos is not None
+        assert self._shm_fd is not None
+        repinned = 0.0
+        hdr = self.index()
+        while checkpointer_waiting(self._shm_fd) and time.monotonic() < deadline:
+            hdr = self.index()
+            if hdr.salt != pos.salt or hdr.max_frame != pos.frame:
+                return staged  # reset by it, or written to: it is no longer waiting for us
+            # Its busy handler retries every few to 100 ms; a fresh pin each
+            # 20 ms finds the WAL wholly copied soon after it is (read-mark
+            # zero), or at least takes the newest read-mark.
+            if time.monotonic() - repinned >= 0.02:
+                repinned = time.monotonic()
+                new = self._begin_pin()
+                now = self.index()
+                if now.salt == pos.salt and now.max_frame == pos.frame:
+                    self._advance_pin(new)
+                else:
+                    self._release(new)
+            time.sleep(0.001)
+        if checkpointer_waiting(self._shm_fd):
+            # Still waiting, with nothing of ours in its way (another reader,
+            # say): do not do all this again until the WAL moves.
+            self._gave_way_at = hdr
+        return staged
 
 
 _abandoned: list[Any] = []

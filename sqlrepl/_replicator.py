@@ -717,6 +717,8 @@ class Replicator:
                 # (The index reads are one pread of 136 bytes: done right here,
                 # not in a worker thread, as each hop to a worker and back is a
                 # GIL hand-off that busy app threads can delay by milliseconds.)
+                if capture.checkpointer_waiting():
+                    await self._give_way()
                 looked = time.monotonic_ns()
                 changed = capture.changed()
                 if changed and (due or wanted or stopping):
@@ -885,6 +887,19 @@ class Replicator:
                 on_staged=self._record_segment,
                 restart=restart,
             )
+        )
+        if staged is not None:
+            self._set_checked(asked)
+
+    async def _give_way(self) -> None:
+        """Another connection's blocking checkpoint waits for our pin (and
+        every writer waits for it): copy, record and step aside
+        (:meth:`Capture.give_way`). What is copied goes with the next release."""
+        capture = self._capture
+        assert capture is not None
+        asked = time.monotonic_ns()
+        staged = await anyio.to_thread.run_sync(
+            lambda: capture.give_way(self._staging, self._gen(), on_staged=self._record_segment)
         )
         if staged is not None:
             self._set_checked(asked)

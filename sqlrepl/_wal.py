@@ -25,6 +25,7 @@ a WAL at all when the caller asked for a strict parse.
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import struct
 import sys
@@ -38,6 +39,7 @@ __all__ = [
     "WalFormatError",
     "WalHeader",
     "WalScan",
+    "checkpointer_waiting",
     "checksum",
     "frame_offset",
     "lock_page",
@@ -55,6 +57,15 @@ _MAGIC_BE = 0x377F0683
 _VERSION = 3007000
 _MASK = 0xFFFFFFFF
 _INDEX_HEADER_SIZE = 48
+# The wal-index's lock bytes (sqlite.org/walformat.html, "Locks"): the write
+# lock at 120, the checkpointer lock at 121, then recovery and the readers'.
+_WRITE_LOCK = 120
+_CKPT_LOCK = 121
+# F_OFD_GETLK (Linux) also reports POSIX locks held by this very process, so
+# a checkpoint run by one of the app's own connections is seen; F_GETLK
+# elsewhere reports only other processes' locks.
+_GETLK = getattr(fcntl, "F_OFD_GETLK", fcntl.F_GETLK)
+_FLOCK = "hhqqi4x" if sys.platform.startswith("linux") else "qqihh"
 _NATIVE_BIG = sys.byteorder == "big"
 
 
@@ -237,6 +248,32 @@ def read_index_header(fd: int) -> IndexHeader | None:
         salt=bytes(first[32:40]),
         backfilled=backfilled,
     )
+
+
+def _locked(fd: int, byte: int) -> bool:
+    """Would a write lock on ``byte`` conflict with someone's lock?"""
+    linux = _FLOCK == "hhqqi4x"
+    fields = (fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0) if linux else (byte, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
+    out = struct.unpack(_FLOCK, fcntl.fcntl(fd, _GETLK, struct.pack(_FLOCK, *fields)))
+    return int(out[0] if linux else out[3]) != fcntl.F_UNLCK
+
+
+def checkpointer_waiting(fd: int) -> bool:
+    """Does a connection hold both the write lock and the checkpointer lock
+    of the wal-index open on ``fd`` (``-shm``)? That is a FULL, RESTART or
+    TRUNCATE checkpoint under way: it takes the write lock first, then waits
+    (in its busy handler, with every writer queued behind it) for readers
+    that hold back its checkpoint or the WAL's restart.
+
+    Only asks whether the locks could be taken; takes none, so it is safe on
+    a long-lived descriptor. A writer committing while a PASSIVE checkpoint
+    runs also holds both for a moment: the caller must tolerate that.
+    False if the locks cannot be queried.
+    """
+    try:
+        return _locked(fd, _WRITE_LOCK) and _locked(fd, _CKPT_LOCK)
+    except OSError:
+        return False
 
 
 # Descriptors that must never be closed: closing any descriptor of a file
