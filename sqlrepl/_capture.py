@@ -49,6 +49,7 @@ from ._wal import (
     WAL_HEADER_SIZE,
     IndexHeader,
     WalHeader,
+    file_replaced,
     frame_offset,
     lock_page,
     long_lived_fd,
@@ -190,6 +191,48 @@ class Capture:
         if self._wal_fd is not None:
             os.close(self._wal_fd)  # the -wal file carries no locks of SQLite's
             self._wal_fd = None
+
+    def replaced(self) -> str | None:
+        """How the database file at our path is no longer the one we read
+        (deleted, or another file put there), or ``None``. One ``stat`` and
+        one ``fstat``: cheap enough for every poll."""
+        if self._db_fd is None:
+            return None
+        return file_replaced(self.database, self._db_fd)
+
+    def reopen(self) -> None:
+        """After :meth:`replaced`: open the file now at our path and let go
+        of the old one. The position is forgotten: the caller starts a new
+        generation. Raises (keeping the old file) :class:`WalModeError` if the
+        new file is not in WAL mode, ``FileNotFoundError`` if there is none
+        yet, :class:`CaptureRetry` if it is still empty.
+
+        Closing our connections to the old file is safe: SQLite sees that
+        the file moved (``SQLITE_FCNTL_HAS_MOVED``) and then neither
+        checkpoints nor deletes the ``-wal``/``-shm`` at the path, which are
+        the new file's. Long-lived descriptors on the old file stay open
+        (see :func:`long_lived_fd`).
+        """
+        old = (self._pins, self._spare, self._ckpt, self._barrier_conn, self._db_fd, self.page_size)
+        self._pins, self._spare, self._barrier_conn = [], [], None
+        try:
+            self.open()
+            if not self.page_size:
+                raise CaptureRetry(f"{self.database} is still empty")
+        except BaseException:
+            if self._ckpt is not None and self._ckpt is not old[2]:
+                self._ckpt.close()
+            self._pins, self._spare, self._ckpt, self._barrier_conn, self._db_fd, self.page_size = old
+            raise
+        for conn in [*old[0], *old[1], old[2], old[3]]:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+        self._wal_fd, self._wal_ino, self._shm_fd = None, None, None
+        self.position = None
+        self.db_size, self.checksum, self._hashes = 0, 0, array.array("Q")
 
     def abandon(self) -> None:
         """After ``fork()``, in the child: drop everything without closing it.

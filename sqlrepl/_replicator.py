@@ -238,6 +238,10 @@ class Status:
     staged_objects: int
     staged_bytes: int
     error: str | None
+    # The last time the database file was deleted or replaced under the
+    # running replicator, what was seen (the new file is replicated as a new
+    # generation); None if never.
+    replaced: str | None = None
 
 
 class Replicator:
@@ -266,6 +270,8 @@ class Replicator:
         self._checked: tuple[int, str | None, int] = (0, None, 0)  # (monotonic ns, generation, txid)
         self._role = "starting"
         self._error: str | None = None
+        self._replaced: str | None = None
+        self._replaced_seen: str | None = None
         self._stop = threading.Event()
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -413,6 +419,7 @@ class Replicator:
                 len(self._staged),
                 sum(o.size for o in self._staged),
                 self._error,
+                self._replaced,
             )
 
     # -- fork ----------------------------------------------------------------
@@ -738,6 +745,17 @@ class Replicator:
                 # not in a worker thread, as each hop to a worker and back is a
                 # GIL hand-off that busy app threads can delay by milliseconds.)
                 looked = time.monotonic_ns()
+                replaced = capture.replaced()
+                if replaced is not None and not await self._follow_replacement(replaced):
+                    if stopping:
+                        return
+                    await self._sleep(opts.poll_interval)
+                    continue
+                if capture.position is None:  # reopened on a new file
+                    asked = time.monotonic_ns()
+                    await self._new_generation()
+                    self._set_checked(asked)
+                    self._kick_all()
                 changed = capture.changed()
                 if changed and (due or wanted or stopping):
                     await self._capture_once()
@@ -795,6 +813,34 @@ class Replicator:
                 await self._sleep_until(min(due_at, now + opts.poll_interval))
             else:
                 await self._sleep(opts.poll_interval)
+
+    async def _follow_replacement(self, reason: str) -> bool:
+        """The database file was deleted or replaced under the running app.
+        Open the file now at the path, to be replicated as a new generation
+        (the capture loop starts it); True if done. Until there is a WAL
+        database there to open, say so (once in the log, and in status())
+        and keep the old file's connections."""
+        capture = self._capture
+        assert capture is not None
+        try:
+            await anyio.to_thread.run_sync(capture.reopen)
+        except (FileNotFoundError, WalModeError, CaptureRetry) as exc:
+            message = f"{reason}; waiting for a WAL-mode database at that path to replicate ({exc})"
+            if self._replaced_seen != reason:
+                self._replaced_seen = reason
+                log.warning("%s", message)
+            with self._cond:
+                self._error = message
+            return False
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        message = (
+            f"{reason} (seen {when}); replicating the new file as a new generation. Connections"
+            " opened before still use the old, deleted file: reopen them"
+        )
+        log.warning("%s", message)
+        with self._cond:
+            self._replaced, self._replaced_seen, self._error = message, None, None
+        return True
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` (a retry's backoff); only stop ends it early."""

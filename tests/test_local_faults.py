@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, file_url, restore_fresh
+from helpers import ROOT, assert_same_database, fast_options, file_url, restore_fresh
+
+import sqlrepl
 
 FULL_STAGING = r"""
 import errno, os, sys, time, sqlrepl
@@ -111,5 +113,96 @@ def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) 
     assert "stopped in" in out
     assert "did not stop" not in out
     restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+RECREATE = r"""
+import os, sqlite3, sys
+db = sys.argv[1]
+for suffix in ("", "-wal", "-shm"):  # rm app.db*, as a user at a shell would
+    os.unlink(db + suffix)
+conn = sqlite3.connect(db, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("CREATE TABLE other(id INTEGER PRIMARY KEY, name TEXT)")
+conn.executemany("INSERT INTO other(name) VALUES (?)", [(f"new-{i}",) for i in range(500)])
+print("created", flush=True)
+sys.stdin.readline()  # the new database stays open (and its WAL live) until told
+conn.close()
+"""
+
+REPLACE = r"""
+import os, sqlite3, sys
+db = sys.argv[1]
+new = db + ".new"
+conn = sqlite3.connect(new, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("CREATE TABLE other(id INTEGER PRIMARY KEY, name TEXT)")
+conn.executemany("INSERT INTO other(name) VALUES (?)", [(f"new-{i}",) for i in range(500)])
+conn.close()
+for suffix in ("-wal", "-shm"):  # the old database's, which would apply to the new one
+    os.unlink(db + suffix)
+os.replace(new, db)
+print("created", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("how", ["recreate", "replace"])
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_database_replaced_under_a_running_app(
+    tmp_path: Path, request: pytest.FixtureRequest, how: str, kind: str
+) -> None:
+    """Another process deletes the database and creates a new one at its
+    path (or moves a new file onto it) while the app runs and goes on
+    writing through its old connection: sqlrepl says so in status() and
+    replicates the new file as a new generation, so sync() returns and a
+    restore equals the new database."""
+    url = file_url(tmp_path / "replica") if kind == "file" else str(request.getfixturevalue("s3_url"))
+    db = str(tmp_path / "app.db")
+    conn = sqlrepl.connect(db, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(200):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (f"old-{i}",))
+        conn.commit()
+    sqlrepl.sync(db, timeout=60)
+    old_generation = sqlrepl.status(db).generation
+    assert sqlrepl.status(db).replaced is None
+    with subprocess.Popen(
+        [sys.executable, "-c", RECREATE if how == "recreate" else REPLACE, db],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as other:
+        assert other.stdout is not None
+        assert other.stdin is not None
+        try:
+            assert other.stdout.readline() == "created\n"
+            # The app's connection goes on writing, into the deleted file.
+            for i in range(20):
+                conn.execute("INSERT INTO t(v) VALUES (?)", (f"lost-{i}",))
+                conn.commit()
+            sqlrepl.sync(db, timeout=60)
+            status = sqlrepl.status(db)
+            assert status.replaced is not None, status
+            assert "was replaced" in status.replaced, status
+            assert status.generation != old_generation
+            restored = tmp_path / "restored.db"
+            restore_fresh(url, restored)
+            assert_same_database(db, restored)
+            other.stdin.write("\n")
+            other.stdin.flush()
+            assert other.wait(60) == 0
+        finally:
+            if other.poll() is None:
+                other.kill()
+    # The app reconnects (its old connection still writes to the deleted
+    # file) and goes on writing to the new one, in the new generation.
+    conn.close()
+    with sqlrepl.connect(db, url, options=fast_options()) as again:
+        again.execute("INSERT INTO other(name) VALUES ('after')")
+    sqlrepl.sync(db, timeout=60)
+    assert sqlrepl.status(db).generation == status.generation
+    restored = tmp_path / "restored-after.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
