@@ -1070,6 +1070,7 @@ class Replicator:
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
         self._snapshot_after, self._snapshot_delay = 0.0, 10.0
+        self._space_back()
         await anyio.to_thread.run_sync(self._save_state)
         self._kick_all()
 

@@ -81,6 +81,8 @@ def test_bad_options_are_refused() -> None:
         sqlrepl.Options(checkpoint_frames=0)
     with pytest.raises(sqlrepl.ConfigError, match="wal_restart_frames"):
         sqlrepl.Options(checkpoint_frames=5000)  # above the default wal_restart_frames
+    with pytest.raises(sqlrepl.ConfigError, match="segment_max_bytes"):
+        sqlrepl.Options(segment_max_bytes=0)
     with pytest.raises(sqlrepl.ConfigError, match="durability"):
         sqlrepl.connect(":memory:", durability="eventually")  # type: ignore[arg-type]
 
