@@ -986,7 +986,10 @@ class Replicator:
         try:
             key = await anyio.to_thread.run_sync(self._stage_merged, run, None)
         except Exception as exc:  # uploading the parts as they are is as good
-            log.error("merging txids %d-%d failed, uploading them apart: %s", run[0].first, run[-1].last, exc)
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            (log.info if full else log.error)(
+                "merging txids %d-%d failed, uploading them apart: %s", run[0].first, run[-1].last, exc
+            )
             return
         obj = self._obj_from_key(key)
         assert obj is not None
@@ -1192,7 +1195,15 @@ class Replicator:
             elif obj.generation == r.generation and obj.first == r.txid + 1:
                 r.txid = obj.last
             self._cond.notify_all()
-        await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        try:
+            await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full staging disk (the capture loop reports it) is no fault of
+            # the replica's. The record is rewritten after the next upload; a
+            # crash before that costs the replica a fresh snapshot, no data.
+            log.debug("cannot record the upload position of %s: %s", r.url, exc)
         self._collect_staged()
         self._publish_progress()
 
