@@ -50,6 +50,7 @@ from ._wal import (
     IndexHeader,
     WalHeader,
     checkpointer_waiting,
+    file_replaced,
     frame_offset,
     lock_page,
     long_lived_fd,
@@ -192,6 +193,48 @@ class Capture:
         if self._wal_fd is not None:
             os.close(self._wal_fd)  # the -wal file carries no locks of SQLite's
             self._wal_fd = None
+
+    def replaced(self) -> str | None:
+        """How the database file at our path is no longer the one we read
+        (deleted, or another file put there), or ``None``. One ``stat`` and
+        one ``fstat``: cheap enough for every poll."""
+        if self._db_fd is None:
+            return None
+        return file_replaced(self.database, self._db_fd)
+
+    def reopen(self) -> None:
+        """After :meth:`replaced`: open the file now at our path and let go
+        of the old one. The position is forgotten: the caller starts a new
+        generation. Raises (keeping the old file) :class:`WalModeError` if the
+        new file is not in WAL mode, ``FileNotFoundError`` if there is none
+        yet, :class:`CaptureRetry` if it is still empty.
+
+        Closing our connections to the old file is safe: SQLite sees that
+        the file moved (``SQLITE_FCNTL_HAS_MOVED``) and then neither
+        checkpoints nor deletes the ``-wal``/``-shm`` at the path, which are
+        the new file's. Long-lived descriptors on the old file stay open
+        (see :func:`long_lived_fd`).
+        """
+        old = (self._pins, self._spare, self._ckpt, self._barrier_conn, self._db_fd, self.page_size)
+        self._pins, self._spare, self._barrier_conn = [], [], None
+        try:
+            self.open()
+            if not self.page_size:
+                raise CaptureRetry(f"{self.database} is still empty")
+        except BaseException:
+            if self._ckpt is not None and self._ckpt is not old[2]:
+                self._ckpt.close()
+            self._pins, self._spare, self._ckpt, self._barrier_conn, self._db_fd, self.page_size = old
+            raise
+        for conn in [*old[0], *old[1], old[2], old[3]]:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+        self._wal_fd, self._wal_ino, self._shm_fd = None, None, None
+        self.position = None
+        self.db_size, self.checksum, self._hashes = 0, 0, array.array("Q")
 
     def abandon(self) -> None:
         """After ``fork()``, in the child: drop everything without closing it.
@@ -519,20 +562,44 @@ class Capture:
             path = finish(key)
         return Staged(key, path, header), hashes, checksum, size
 
-    def capture(self, staging: Staging, generation: str, *, sync: bool = True) -> Staged | None:
-        """Copy every transaction committed since the position into one staged
-        segment, advance the position and the pin. ``None`` if nothing new.
-        With ``sync=False`` the segment is not yet durable (see
-        :meth:`Staging.make_durable`)."""
+    def capture(
+        self,
+        staging: Staging,
+        generation: str,
+        *,
+        sync: bool = True,
+        max_bytes: int = 0,
+        on_piece: Callable[[Staged], None] | None = None,
+    ) -> Staged | None:
+        """Copy every transaction committed since the position into staged
+        segments, advance the position and the pin. ``None`` if nothing new.
+        With ``sync=False`` the last segment is not yet durable (see
+        :meth:`Staging.make_durable`).
+
+        With ``max_bytes``, segments hold at most that many bytes of frames
+        (or one transaction, if it alone is larger): each but the last is
+        durable and handed to ``on_piece``, which must record it, as it is
+        written. A failure half-way (a full disk) keeps what was recorded:
+        the position has moved past it, and the next call goes on from
+        there. The pin moves only once everything is copied, so it stays at
+        or before the position throughout.
+        """
         pos = self.position
         assert pos is not None
         hdr = self.index()
         if not self._has_new(pos, hdr):
             return None
+        assert on_piece is not None or not max_bytes
         new = self._begin_pin()
         try:
             hdr = self.index()  # ends at or after the new pin's snapshot
-            staged = self._capture(staging, generation, pos, hdr, sync)
+            while True:
+                staged = self._capture(staging, generation, pos, hdr, sync, max_bytes)
+                assert self.position is not None
+                pos = self.position
+                if pos.frame == hdr.max_frame or on_piece is None:
+                    break
+                on_piece(staged)
         except BaseException:
             self._release(new)
             raise
@@ -549,7 +616,13 @@ class Capture:
         return hdr.max_frame > 0
 
     def _capture(
-        self, staging: Staging, generation: str, pos: Position, hdr: IndexHeader, sync: bool = True
+        self,
+        staging: Staging,
+        generation: str,
+        pos: Position,
+        hdr: IndexHeader,
+        sync: bool = True,
+        max_bytes: int = 0,
     ) -> Staged:
         if not self._has_new(pos, hdr):
             raise CaptureRetry("nothing new after pinning")
@@ -584,6 +657,10 @@ class Capture:
         self._check_frame(last, hdr.salt, hdr.frame_checksum)
         if hdr.backfilled >= first and hdr.salt != pos.salt:
             raise ContinuityLost("frames were checkpointed before sqlrepl copied them")
+        last_checksum = hdr.frame_checksum
+        if max_bytes and (last - first + 1) * self.page_size > max_bytes:
+            last, last_checksum = self._piece_end(first, last, max_bytes)
+            sync = True  # not the last piece: the caller records it at once
 
         step = FRAME_HEADER_SIZE + self.page_size
         small = (last - first + 1) * step <= _READ_CHUNK
@@ -636,8 +713,34 @@ class Capture:
         self.checksum = post
         self.db_size = plan.size
         self.txid += plan.commits
-        self.position = Position(hdr.salt, last, hdr.frame_checksum, wal_header.checkpoint_seq)
+        self.position = Position(hdr.salt, last, last_checksum, wal_header.checkpoint_seq)
         return Staged(key, path, header)
+
+    def _piece_end(self, first: int, last: int, max_bytes: int) -> tuple[int, tuple[int, int]]:
+        """The last commit frame in ``first..last`` that keeps the pages of
+        ``first..`` within ``max_bytes`` (or the first commit frame, if even
+        that is over), and the running checksum after it (the frame header
+        carries it)."""
+        ps = self.page_size
+        step = FRAME_HEADER_SIZE + ps
+        within = first + max_bytes // ps - 1
+        end = 0
+        for f0, data in self._frames(first, last):
+            for i, off in enumerate(range(0, len(data), step)):
+                f = f0 + i
+                if f > within and end:
+                    return self._end_at(end)
+                if _FRAME_HDR.unpack_from(data, off)[1]:
+                    end = f
+        return self._end_at(end or last)
+
+    def _end_at(self, frame: int) -> tuple[int, tuple[int, int]]:
+        fd = self._wal()
+        raw = os.pread(fd, FRAME_HEADER_SIZE, frame_offset(frame, self.page_size)) if fd is not None else b""
+        if len(raw) < FRAME_HEADER_SIZE:
+            raise CaptureRetry(f"{self.wal_path} is shorter than the wal-index says")
+        _pgno, _commit, _salt, c0, c1 = parse_frame_header(raw)
+        return frame, (c0, c1)
 
     # -- checkpoints ------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio  # noqa: F401 - imported early on purpose, see below
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -77,6 +78,9 @@ log = logging.getLogger("sqlrepl")
 _MERGE_STORED_MAX = 4 << 20
 _SNAPSHOT = "S"
 _SEGMENT = "G"
+# A full staging disk shrinks segments down to this, so that one fits in what
+# is left (each is uploaded and deleted before the next is written).
+_MIN_PIECE = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,11 @@ class Options:
       long after a merged one covers them (seconds; ``None``: keep them).
       Until then a point-in-time restore has one-interval resolution; after,
       the merged segments' resolution.
+    - ``segment_max_bytes``: a segment copies at most this many bytes of
+      WAL pages (or one transaction, if it alone is larger); a larger
+      backlog is copied in several, each recorded as it is written, so that
+      a staging disk with less free space than the backlog still makes
+      progress (after a "no space" error the pieces shrink to fit).
     - ``staging_soft_limit`` / ``staging_hard_limit``: bytes of objects
       waiting in the staging directory before a warning / before the objects
       of replicas that keep failing are dropped (they get a fresh snapshot
@@ -137,6 +146,7 @@ class Options:
     compaction_interval: float | None = 600.0
     compaction_max_bytes: int = 64 << 20
     segment_retention: float | None = 3600.0
+    segment_max_bytes: int = 64 << 20
     staging_soft_limit: int = 256 << 20
     staging_hard_limit: int = 2 << 30
     exit_timeout: float = 10.0
@@ -148,6 +158,10 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"option {name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.segment_max_bytes, int) or self.segment_max_bytes < 1:
+            raise ConfigError(
+                f"option segment_max_bytes must be an integer >= 1, got {self.segment_max_bytes!r}"
+            )
         if self.checkpoint_frames < 1:
             raise ConfigError("option checkpoint_frames must be >= 1")
         if self.wal_restart_frames < self.checkpoint_frames:
@@ -224,6 +238,10 @@ class Status:
     staged_objects: int
     staged_bytes: int
     error: str | None
+    # The last time the database file was deleted or replaced under the
+    # running replicator, what was seen (the new file is replicated as a new
+    # generation); None if never.
+    replaced: str | None = None
 
 
 class Replicator:
@@ -252,6 +270,8 @@ class Replicator:
         self._checked: tuple[int, str | None, int] = (0, None, 0)  # (monotonic ns, generation, txid)
         self._role = "starting"
         self._error: str | None = None
+        self._replaced: str | None = None
+        self._replaced_seen: str | None = None
         self._stop = threading.Event()
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -269,6 +289,12 @@ class Replicator:
         self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
         self._soft_warned = False
+        # A full staging disk (see _out_of_space): pieces shrink, the
+        # compaction window is given up and periodic snapshots wait.
+        self._space_short = False
+        self._piece_bytes = self.options.segment_max_bytes
+        self._snapshot_after = 0.0
+        self._snapshot_delay = 10.0
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
 
@@ -393,6 +419,7 @@ class Replicator:
                 len(self._staged),
                 sum(o.size for o in self._staged),
                 self._error,
+                self._replaced,
             )
 
     # -- fork ----------------------------------------------------------------
@@ -720,6 +747,17 @@ class Replicator:
                 if capture.checkpointer_waiting():
                     await self._give_way()
                 looked = time.monotonic_ns()
+                replaced = capture.replaced()
+                if replaced is not None and not await self._follow_replacement(replaced):
+                    if stopping:
+                        return
+                    await self._sleep(opts.poll_interval)
+                    continue
+                if capture.position is None:  # reopened on a new file
+                    asked = time.monotonic_ns()
+                    await self._new_generation()
+                    self._set_checked(asked)
+                    self._kick_all()
                 changed = capture.changed()
                 if changed and (due or wanted or stopping):
                     await self._capture_once()
@@ -737,6 +775,9 @@ class Replicator:
                 if frames >= opts.checkpoint_frames:
                     await self._checkpoint(restart=frames >= opts.wal_restart_frames)
                 backoff = 0.05
+                if self._error is not None and not self._space_short:
+                    with self._cond:
+                        self._error = None
             except ContinuityLost as exc:
                 log.warning("%s: continuity lost (%s); starting a new generation", self.database, exc)
                 await self._new_generation()
@@ -755,12 +796,15 @@ class Replicator:
                 backoff = min(backoff * 2, 1.0)
                 continue
             except Exception as exc:  # disk full, I/O errors: keep the WAL pinned, retry
-                self._error = f"{type(exc).__name__}: {exc}"
-                log.error("capture of %s failed, retrying in %.1fs: %s", self.database, backoff, exc)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, opts.retry_max)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    await self._out_of_space(exc)
+                else:
+                    self._error = f"{type(exc).__name__}: {exc}"
+                    log.error("capture of %s failed, retrying in %.1fs: %s", self.database, backoff, exc)
                 if stopping:
                     return
+                await self._pause(backoff)
+                backoff = min(backoff * 2, opts.retry_max)
                 continue
             if stopping:
                 return
@@ -771,6 +815,90 @@ class Replicator:
                 await self._sleep_until(min(due_at, now + opts.poll_interval))
             else:
                 await self._sleep(opts.poll_interval)
+
+    async def _follow_replacement(self, reason: str) -> bool:
+        """The database file was deleted or replaced under the running app.
+        Open the file now at the path, to be replicated as a new generation
+        (the capture loop starts it); True if done. Until there is a WAL
+        database there to open, say so (once in the log, and in status())
+        and keep the old file's connections."""
+        capture = self._capture
+        assert capture is not None
+        try:
+            await anyio.to_thread.run_sync(capture.reopen)
+        except (FileNotFoundError, WalModeError, CaptureRetry) as exc:
+            message = f"{reason}; waiting for a WAL-mode database at that path to replicate ({exc})"
+            if self._replaced_seen != reason:
+                self._replaced_seen = reason
+                log.warning("%s", message)
+            with self._cond:
+                self._error = message
+            return False
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        message = (
+            f"{reason} (seen {when}); replicating the new file as a new generation. Connections"
+            " opened before still use the old, deleted file: reopen them"
+        )
+        log.warning("%s", message)
+        with self._cond:
+            self._replaced, self._replaced_seen, self._error = message, None, None
+        return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a retry's backoff); only stop ends it early."""
+        with anyio.move_on_after(seconds):
+            while not self._stop.is_set():
+                await self._wait_wake()
+                self._drain_wake()
+
+    async def _out_of_space(self, exc: OSError) -> None:
+        """The staging disk is full. Say so once (what, where, how much is
+        free, what to do), then make what room we can: shrink the pieces
+        capture writes so that one fits, hand what is staged to the uploaders
+        unmerged (a merge needs room for a second copy), give up the
+        compaction window (an optimisation that holds disk) and put off
+        periodic snapshots. Commits never wait for any of it: the WAL keeps
+        what is not copied (pinned), and grows meanwhile."""
+        root = self._staging.root
+        try:
+            st = os.statvfs(root)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0
+        capture = self._capture
+        try:
+            waiting = capture.uncopied_frames() * capture.page_size if capture is not None else 0
+        except Exception:  # only for the message
+            waiting = 0
+        message = (
+            f"staging folder {root} is out of disk space ({exc}; {free / 2**20:.1f} MiB free):"
+            f" {waiting / 2**20:.1f} MiB of committed WAL wait to be copied. Commits go on (the WAL"
+            " keeps them and grows meanwhile); free space on that filesystem, or give the staging"
+            " folder a larger one, and replication resumes by itself"
+        )
+        if not self._space_short:
+            log.error("%s", message)
+        else:
+            log.debug("%s", message)
+        with self._cond:
+            self._space_short = True
+            self._error = message
+            self._cond.notify_all()
+        self._piece_bytes = max(_MIN_PIECE, min(self._piece_bytes // 2, free // 2))
+        self._drop_window()
+        self._snapshot_after = time.monotonic() + self._snapshot_delay
+        self._snapshot_delay = min(self._snapshot_delay * 2, 600.0)
+        await self._release_held(merge=False)
+        self._check_staging_limits()
+
+    def _space_back(self) -> None:
+        """A capture went through after a full disk: back to normal pieces."""
+        if self._space_short:
+            self._space_short = False
+            self._piece_bytes = self.options.segment_max_bytes
+            log.info(
+                "staging folder %s has room again; %s is replicated again", self._staging.root, self.database
+            )
 
     async def _sleep_until(self, when: float) -> None:
         """Sleep until ``when``; only a sync, a snapshot request or stop
@@ -789,10 +917,15 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
-        staged = await anyio.to_thread.run_sync(capture.capture, self._staging, self._gen())
+        staged = await anyio.to_thread.run_sync(
+            lambda: capture.capture(
+                self._staging, self._gen(), max_bytes=self._piece_bytes, on_piece=self._record_segment
+            )
+        )
         if staged is not None:
             # Held either way: a release merges it with those held before it.
             await anyio.to_thread.run_sync(self._record_segment, staged)
+        self._space_back()
         held = [o for o in self._staged if o.held]
         # Heavy writes: once a merge's worth is held, holding more only adds lag.
         if not hold or sum(o.size for o in held) >= _MERGE_STORED_MAX:
@@ -813,13 +946,17 @@ class Replicator:
         self._since_snapshot_count += 1
         self._save_state()
 
-    async def _release_held(self) -> None:
+    async def _release_held(self, *, merge: bool = True) -> None:
         """Start a new interval: hand the held segments to the uploaders,
         the small ones merged (up to ``_MERGE_STORED_MAX`` bytes as stored,
         and ``compaction_max_bytes`` of pages in memory), so that an interval
         of small writes costs one PUT per replica."""
         self._last_release = time.monotonic()
         held = [o for o in self._staged if o.held]
+        if not merge:
+            for obj in held:
+                obj.held = False
+            held = []
         if not held:
             self._kick_all()
             return
@@ -851,7 +988,10 @@ class Replicator:
         try:
             key = await anyio.to_thread.run_sync(self._stage_merged, run, None)
         except Exception as exc:  # uploading the parts as they are is as good
-            log.error("merging txids %d-%d failed, uploading them apart: %s", run[0].first, run[-1].last, exc)
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            (log.info if full else log.error)(
+                "merging txids %d-%d failed, uploading them apart: %s", run[0].first, run[-1].last, exc
+            )
             return
         obj = self._obj_from_key(key)
         assert obj is not None
@@ -915,7 +1055,7 @@ class Replicator:
         with the last snapshot snapshotted it again and again as it grew
         (twice its final size uploaded, found by the benchmarks).
         """
-        if self._since_snapshot_count == 0:
+        if self._since_snapshot_count == 0 or time.monotonic() < self._snapshot_after:
             return False
         assert self._capture is not None
         db_bytes = self._capture.db_size * self._capture.page_size
@@ -928,11 +1068,27 @@ class Replicator:
         assert capture is not None
         if await anyio.to_thread.run_sync(capture.changed):
             await self._capture_once()
-        staged = await anyio.to_thread.run_sync(capture.snapshot, self._staging, self._gen())
+        try:
+            staged = await anyio.to_thread.run_sync(capture.snapshot, self._staging, self._gen())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._snapshot_wanted:
+                raise  # a replica needs this one: the capture loop reports it and retries
+            # A periodic snapshot only shortens restores: segments go on without it.
+            (log.debug if self._snapshot_after else log.warning)(
+                "no room in %s for a snapshot of %s (%s); trying again later, segments go on meanwhile",
+                self._staging.root,
+                self.database,
+                exc,
+            )
+            self._snapshot_after = time.monotonic() + self._snapshot_delay
+            self._snapshot_delay = min(self._snapshot_delay * 2, 600.0)
+            return
         self._snapshot_wanted = False
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
+        self._snapshot_after, self._snapshot_delay = 0.0, 10.0
+        self._space_back()
         await anyio.to_thread.run_sync(self._save_state)
         self._kick_all()
 
@@ -1054,7 +1210,15 @@ class Replicator:
             elif obj.generation == r.generation and obj.first == r.txid + 1:
                 r.txid = obj.last
             self._cond.notify_all()
-        await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        try:
+            await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full staging disk (the capture loop reports it) is no fault of
+            # the replica's. The record is rewritten after the next upload; a
+            # crash before that costs the replica a fresh snapshot, no data.
+            log.debug("cannot record the upload position of %s: %s", r.url, exc)
         self._collect_staged()
         self._publish_progress()
 
@@ -1078,6 +1242,7 @@ class Replicator:
         opts = self.options
         if (
             opts.compaction_interval is None
+            or self._space_short
             or obj.kind != _SEGMENT
             or obj.compacted
             or obj.generation != self._generation

@@ -41,6 +41,7 @@ __all__ = [
     "WalScan",
     "checkpointer_waiting",
     "checksum",
+    "file_replaced",
     "frame_offset",
     "lock_page",
     "long_lived_fd",
@@ -274,6 +275,26 @@ def checkpointer_waiting(fd: int) -> bool:
         return _locked(fd, _WRITE_LOCK) and _locked(fd, _CKPT_LOCK)
     except OSError:
         return False
+
+
+def file_replaced(path: str, fd: int) -> str | None:
+    """How the file at ``path`` is no longer the one ``fd`` is open on
+    (deleted, or another file put there), or ``None`` if it still is.
+
+    Compares device and inode of the path (``stat``) with the descriptor's
+    (``fstat``): no file is opened, so no lock is touched. While ``fd`` is
+    open its inode cannot be reused, so a file deleted and created again
+    always shows. Does not notice a file overwritten in place (same inode);
+    the capture's continuity checks do.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} was deleted"
+    held = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+        return f"{path} was replaced by another file (inode {held.st_ino}, now {st.st_ino})"
+    return None
 
 
 # Descriptors that must never be closed: closing any descriptor of a file

@@ -54,3 +54,41 @@ def test_restart_after_a_checkpoint_that_skipped_pages(app: sqlite3.Connection, 
     assert second.start(state) is None  # continues; no "the database changed"
     assert second.txid == first.txid
     second.close()
+
+
+def test_a_backlog_is_copied_in_bounded_pieces(app: sqlite3.Connection, tmp_path: Path) -> None:
+    """A backlog larger than ``max_bytes`` is staged as a chain of segments,
+    each within the bound (a larger single transaction whole), each handed
+    over as it is written; their checksums chain to the database's, and the
+    next capture continues from the recorded position."""
+    db = str(tmp_path / "app.db")
+    staging = Staging(db)
+    staging.ensure()
+    cap = Capture(db)
+    cap.open()
+    assert cap.start(None) is not None
+    gen = _format.new_generation_id()
+    snapshot = cap.new_generation(staging, gen)
+    for i in range(120):
+        app.execute("INSERT INTO t VALUES (?, ?)", (i, "x" * 3000))
+    app.execute("BEGIN")
+    for i in range(120, 160):  # one transaction of about 40 pages: larger than the bound
+        app.execute("INSERT INTO t VALUES (?, ?)", (i, "y" * 3000))
+    app.execute("COMMIT")
+    pieces: list[_format.ObjectHeader] = []
+    last = cap.capture(staging, gen, max_bytes=16 * 4096, on_piece=lambda s: pieces.append(s.header))
+    assert last is not None
+    headers = [*pieces, last.header]
+    assert len(headers) >= 5
+    assert [h.first_txid for h in headers[1:]] == [h.last_txid + 1 for h in headers[:-1]]
+    assert [h.pre_checksum for h in headers[1:]] == [h.post_checksum for h in headers[:-1]]
+    assert headers[0].pre_checksum == snapshot.header.post_checksum
+    assert all(h.page_count <= 16 for h in headers[:-1])
+    assert last.header.page_count >= 40  # the big transaction, not split
+    assert cap.position.frame == cap.index().max_frame  # type: ignore[union-attr]
+    assert cap.checksum == cap._scan(cap.position.frame, cap.index(), 0)[1]  # type: ignore[union-attr]
+    app.execute("INSERT INTO t VALUES (999, 'z')")
+    assert (
+        cap.capture(staging, gen, max_bytes=16 * 4096, on_piece=lambda s: pieces.append(s.header)) is not None
+    )
+    cap.close()

@@ -1,0 +1,208 @@
+"""Local faults under a running app: the staging disk fills up, the database
+file is replaced. Replication must not wedge, and must say what happened."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, assert_same_database, fast_options, file_url, restore_fresh
+
+import sqlrepl
+
+FULL_STAGING = r"""
+import errno, os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+# Fill the staging filesystem to the last byte.
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+size = os.path.getsize(filler)
+slowest = 0.0
+for i in range(700):  # about 5.7 MB of incompressible pages: more than is freed below
+    t0 = time.monotonic()
+    conn.execute("INSERT INTO t(v) VALUES (randomblob(8000))")
+    conn.commit()
+    slowest = max(slowest, time.monotonic() - t0)
+print(f"slowest commit {slowest:.3f}s", flush=True)
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+print("error:", sqlrepl.status(db).error, flush=True)
+wal = os.path.getsize(db + "-wal")
+os.truncate(filler, max(0, size - (3 << 20)))  # 3 MiB free: less than the backlog
+st = os.statvfs(staging)
+print(f"WAL {wal} bytes, staging free {st.f_bavail * st.f_frsize} bytes", flush=True)
+sqlrepl.sync(db, timeout=120)
+print("synced", flush=True)
+print("error after:", sqlrepl.status(db).error, flush=True)
+conn.close()
+t0 = time.monotonic()
+sqlrepl.stop_all(timeout=10)
+print(f"stopped in {time.monotonic() - t0:.1f}s", flush=True)
+"""
+
+
+def _in_private_tmpfs(folder: Path, size: str, script: str, *args: str, timeout: float) -> str:
+    """Run ``script`` with a ``size`` tmpfs mounted on ``folder`` inside a
+    private mount namespace (so nothing is left mounted); return its output.
+    Skips the test when this machine does not let us mount."""
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {folder}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or user namespaces): {probe.stderr.strip()}")
+    out = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size={size} tmpfs {folder} && exec "$0" "$@"',
+            sys.executable,
+            "-c",
+            script,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
+    """Staging on a full 8 MiB filesystem while about 6 MB is committed; then
+    3 MiB is freed, less than the backlog: the error is in status(), capture
+    goes on in pieces that fit, sync() returns and the replica restores equal
+    to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "error: staging folder" in out
+    assert "out of disk space ([Errno 28] No space left on device; 0.0 MiB free)" in out
+    assert out.count("is out of disk space") == 2  # status(), and one log line
+    assert "synced" in out
+    assert "error after: None" in out
+    assert "stopped in" in out
+    assert "did not stop" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+RECREATE = r"""
+import os, sqlite3, sys
+db = sys.argv[1]
+for suffix in ("", "-wal", "-shm"):  # rm app.db*, as a user at a shell would
+    os.unlink(db + suffix)
+conn = sqlite3.connect(db, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("CREATE TABLE other(id INTEGER PRIMARY KEY, name TEXT)")
+conn.executemany("INSERT INTO other(name) VALUES (?)", [(f"new-{i}",) for i in range(500)])
+print("created", flush=True)
+sys.stdin.readline()  # the new database stays open (and its WAL live) until told
+conn.close()
+"""
+
+REPLACE = r"""
+import os, sqlite3, sys
+db = sys.argv[1]
+new = db + ".new"
+conn = sqlite3.connect(new, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("CREATE TABLE other(id INTEGER PRIMARY KEY, name TEXT)")
+conn.executemany("INSERT INTO other(name) VALUES (?)", [(f"new-{i}",) for i in range(500)])
+conn.close()
+for suffix in ("-wal", "-shm"):  # the old database's, which would apply to the new one
+    os.unlink(db + suffix)
+os.replace(new, db)
+print("created", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("how", ["recreate", "replace"])
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_database_replaced_under_a_running_app(
+    tmp_path: Path, request: pytest.FixtureRequest, how: str, kind: str
+) -> None:
+    """Another process deletes the database and creates a new one at its
+    path (or moves a new file onto it) while the app runs and goes on
+    writing through its old connection: sqlrepl says so in status() and
+    replicates the new file as a new generation, so sync() returns and a
+    restore equals the new database."""
+    url = file_url(tmp_path / "replica") if kind == "file" else str(request.getfixturevalue("s3_url"))
+    db = str(tmp_path / "app.db")
+    conn = sqlrepl.connect(db, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(200):
+        conn.execute("INSERT INTO t(v) VALUES (?)", (f"old-{i}",))
+        conn.commit()
+    sqlrepl.sync(db, timeout=60)
+    old_generation = sqlrepl.status(db).generation
+    assert sqlrepl.status(db).replaced is None
+    with subprocess.Popen(
+        [sys.executable, "-c", RECREATE if how == "recreate" else REPLACE, db],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as other:
+        assert other.stdout is not None
+        assert other.stdin is not None
+        try:
+            assert other.stdout.readline() == "created\n"
+            # The app's connection goes on writing, into the deleted file.
+            for i in range(20):
+                conn.execute("INSERT INTO t(v) VALUES (?)", (f"lost-{i}",))
+                conn.commit()
+            sqlrepl.sync(db, timeout=60)
+            status = sqlrepl.status(db)
+            assert status.replaced is not None, status
+            assert "was replaced" in status.replaced, status
+            assert status.generation != old_generation
+            restored = tmp_path / "restored.db"
+            restore_fresh(url, restored)
+            assert_same_database(db, restored)
+            other.stdin.write("\n")
+            other.stdin.flush()
+            assert other.wait(60) == 0
+        finally:
+            if other.poll() is None:
+                other.kill()
+    # The app reconnects (its old connection still writes to the deleted
+    # file) and goes on writing to the new one, in the new generation.
+    conn.close()
+    with sqlrepl.connect(db, url, options=fast_options()) as again:
+        again.execute("INSERT INTO other(name) VALUES ('after')")
+    sqlrepl.sync(db, timeout=60)
+    assert sqlrepl.status(db).generation == status.generation
+    restored = tmp_path / "restored-after.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
