@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import socket
 import sqlite3
 import time
@@ -197,3 +198,135 @@ def test_two_writers_notice_each_other_and_spare_each_others_history(
     assert _restores_to(url, db_b, tmp_path / "restored-b.db")  # the newest: only B's history
     conn_a.close()
     conn_b.close()
+
+
+def _write_and_retire(db: str, url: str, tmp_path: Path) -> str:
+    """A first machine: write ``db`` to ``url``, stop, and lose the database
+    and its staging directory. Returns its generation."""
+    conn = sqlrepl.connect(db, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    _insert(conn, 20, "old")
+    sqlrepl.sync(db, timeout=60)
+    generation = sqlrepl.status(db).generation
+    assert generation is not None
+    conn.close()
+    sqlrepl.stop_all()
+    for path in tmp_path.glob(Path(db).name + "*"):  # the database, its WAL, its staging
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return generation
+
+
+def _checks(db: str) -> Callable[[], int]:
+    """A counter of the completed checks of ``db``'s replica seen so far
+    (each poll that finds a new ``checked_at`` counts one)."""
+    seen: list[float] = []
+
+    def count() -> int:
+        at = sqlrepl.status(db).replicas[0].checked_at
+        if at is not None and (not seen or at != seen[-1]):
+            seen.append(at)
+        return len(seen)
+
+    return count
+
+
+def test_disaster_recovery_raises_no_alarm_and_retires_the_dead_generation(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented recovery (lose the machine, restore elsewhere, write):
+    the dead machine's records are not taken for a live writer, and once the
+    grace period is over retention deletes its generation."""
+    db = str(tmp_path / "app.db")
+    dead = _write_and_retire(db, url, tmp_path)
+    assert sqlrepl.restore(db, url) is not None
+    opts = fast_options(replica_check_interval=0.2, retention=0.5, retention_check_interval=0.2)
+    conn = sqlrepl.connect(db, url, options=opts)
+    _insert(conn, 10, "new")
+    sqlrepl.sync(db, timeout=60)
+    assert sqlrepl.status(db).generation != dead
+    checks = _checks(db)
+    _wait_until("several checks", lambda: checks() >= 5)
+
+    def dead_present() -> bool:
+        return bool(_listing(url, f"{GENERATIONS}{dead}/"))
+
+    _wait_until("retention to delete the dead machine's generation", lambda: not dead_present())
+    assert not _listing(url, f"{WRITERS}{dead}/")  # its records went with it
+    assert sqlrepl.status(db).replicas[0].foreign_writers == ()
+    alarms = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [m for m in alarms if "another writer" in m or "emptied" in m]
+    _insert(conn, 5, "last")
+    sqlrepl.sync(db, timeout=60)
+    conn.close()
+    assert _restores_to(url, db, tmp_path / "restored.db")
+
+
+def test_two_machines_restored_from_one_replica_notice_each_other(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two machines restore the same replica and both write: each reports the
+    other (and not the dead machine they restored from), and neither's
+    retention deletes the other's generation."""
+    dead = _write_and_retire(str(tmp_path / "app.db"), url, tmp_path)
+    # Generations quiet for 8 s are past retention: time enough to notice first.
+    opts = fast_options(replica_check_interval=0.2, retention=8.0, retention_check_interval=0.2)
+    dbs = [str(tmp_path / "one.db"), str(tmp_path / "two.db")]
+    for db in dbs:
+        assert sqlrepl.restore(db, url) is not None
+    conns = []
+    for db in dbs:
+        conns.append(sqlrepl.connect(db, url, options=opts))
+        _insert(conns[-1], 10, db)
+        sqlrepl.sync(db, timeout=60)
+    gens = [sqlrepl.status(db).generation for db in dbs]
+
+    def foreign(db: str) -> tuple[str, ...]:
+        return sqlrepl.status(db).replicas[0].foreign_writers
+
+    _wait_until("both machines to notice each other", lambda: all(foreign(db) for db in dbs))
+    assert gens[1] in foreign(dbs[0])[0]
+    assert gens[0] in foreign(dbs[1])[0]
+    assert not any(dead in f for db in dbs for f in foreign(db))
+
+    def spared() -> bool:
+        return any(
+            "spares generation" in r.getMessage() and str(gens[0]) in r.getMessage() for r in caplog.records
+        )
+
+    _wait_until("the second machine's retention to pass over the first one's generation", spared)
+    for db, conn in zip(dbs, conns, strict=True):
+        _insert(conn, 3, "last")
+        sqlrepl.sync(db, timeout=60)
+        conn.close()
+    assert _restores_to(url, dbs[0], tmp_path / "restored-one.db", generation=gens[0])
+    assert _restores_to(url, dbs[1], tmp_path / "restored-two.db")
+
+
+def test_replica_emptied_while_stopped_is_reseeded_at_start(
+    url: str, db_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica emptied while no replicator ran: the next start notices it
+    (an error, counted in status()) and re-seeds it before sync() returns."""
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    _insert(conn, 20, "before")
+    sqlrepl.sync(db_path, timeout=60)
+    conn.close()
+    sqlrepl.stop_all()
+    assert _wipe(url) > 0
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    _insert(conn, 5, "after")
+    sqlrepl.sync(db_path, timeout=60)
+    assert sqlrepl.status(db_path).replicas[0].wipes == 1
+    assert any(r.levelno == logging.ERROR and "no longer holds" in r.getMessage() for r in caplog.records)
+    conn.close()
+    assert _restores_to(url, db_path, tmp_path / "restored.db")
+
+
+def test_check_interval_must_be_positive() -> None:
+    """A check interval of zero or less is refused, naming the option."""
+    with pytest.raises(sqlrepl.ConfigError, match="replica_check_interval"):
+        sqlrepl.Options(replica_check_interval=0)
