@@ -1098,7 +1098,7 @@ class Replicator:
                     r.generation,
                 )
                 if r.watch is not None:
-                    r.watch.wipes += 1
+                    r.watch.note_wipe(r.generation)
                 await self._reseed(r)
         r.checked = True
 

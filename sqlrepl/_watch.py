@@ -22,7 +22,7 @@ removed the newest snapshot (a wipe, an age-based lifecycle rule) removed
 the record too.
 
 Every ``replica_check_interval`` (60 s by default) the replica's uploader
-lists ``writers/`` (one LIST: a few keys per generation kept) and
+lists ``writers/`` (one LIST: one key per writer and generation kept) and
 :func:`judge` decides:
 
 - this writer's record of the generation the replica holds is gone although
@@ -39,8 +39,9 @@ A machine that died before its replica was restored elsewhere left records
 older than the new writer's ``since``: it is not taken for a live writer.
 
 Not detected: two writers sharing one staging directory's id (a machine
-cloned with its staging directory); a wipe that spares
-``writers/``; anything between two checks.
+cloned with its staging directory); a wipe of ``generations/`` alone that
+spares ``writers/`` (the replicator's look at start sees that one); anything
+between two checks.
 """
 
 from __future__ import annotations
@@ -171,8 +172,7 @@ class ReplicaWatch:
         known = self._mine.get(generation) if generation is not None else None
         verdict = judge(records, writer=self.writer, generation=generation, known=known)
         if verdict.wiped and known is not None and await self._gone(known):
-            del self._mine[known.generation]
-            self.wipes += 1
+            self.note_wipe(known.generation)
             self.checked_at = time.time()
             return True
         if verdict.ours is not None:
@@ -197,6 +197,12 @@ class ReplicaWatch:
             await self.claim(generation)  # a newer record of ours: the other writer notices us too
         self.checked_at = time.time()
         return False
+
+    def note_wipe(self, generation: str) -> None:
+        """Count a wipe of the replica, found here or by the replicator's own
+        look at start; our record of ``generation`` went with it."""
+        self.wipes += 1
+        self._mine.pop(generation, None)
 
     async def _gone(self, record: WriterKey) -> bool:
         """Whether ``record`` is really absent (a listing may be stale)."""
