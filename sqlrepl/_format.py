@@ -58,14 +58,17 @@ __all__ = [
     "ObjectWriter",
     "SegmentKey",
     "SnapshotKey",
+    "WriterKey",
     "iter_pages",
     "iter_records",
     "new_generation_id",
     "page_hash",
     "parse_key",
+    "parse_writer_key",
     "read_header",
     "segment_key",
     "snapshot_key",
+    "writer_key",
 ]
 
 MAGIC = b"SQLRPL"
@@ -369,6 +372,14 @@ _SEGMENT_RE = re.compile(
 )
 
 
+# Writer records (docs/format.md, "Writer records"), beside the
+# generations: not part of any history; restoring never reads them.
+WRITERS = "writers/"
+_WRITER_RE = re.compile(
+    rf"^writers/(?P<gen>{_GEN_RE})/(?P<writer>[0-9a-f]{{16}})-(?P<since>\d+)-(?P<written>\d+)\.json$"
+)
+
+
 @dataclass(frozen=True, order=True)
 class SnapshotKey:
     generation: str
@@ -408,6 +419,32 @@ def snapshot_key(generation: str, txid: int, timestamp_ms: int) -> str:
 
 def segment_key(generation: str, first_txid: int, last_txid: int, timestamp_ms: int) -> str:
     return f"{GENERATIONS}{generation}/segments/{first_txid:016x}-{last_txid:016x}-{timestamp_ms}.segment"
+
+
+@dataclass(frozen=True, order=True)
+class WriterKey:
+    """A writer record: ``writer`` writes ``generation`` to this replica
+    since ``since_ms``; the record was last written at ``written_ms``."""
+
+    generation: str
+    writer: str
+    since_ms: int
+    written_ms: int
+
+    @property
+    def key(self) -> str:
+        return writer_key(self.generation, self.writer, self.since_ms, self.written_ms)
+
+
+def writer_key(generation: str, writer: str, since_ms: int, written_ms: int) -> str:
+    return f"{WRITERS}{generation}/{writer}-{since_ms}-{written_ms}.json"
+
+
+def parse_writer_key(key: str) -> WriterKey | None:
+    """The writer record a key names, or ``None`` for any other key."""
+    if m := _WRITER_RE.match(key):
+        return WriterKey(m["gen"], m["writer"], int(m["since"]), int(m["written"]))
+    return None
 
 
 def parse_key(key: str) -> SnapshotKey | SegmentKey | None:

@@ -33,6 +33,7 @@ import errno
 import importlib
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -59,6 +60,7 @@ from ._errors import (
 from ._replica import ReplicaClient, open_replica, redact_url
 from ._restore import Generation, group_generations
 from ._staging import Staging
+from ._watch import ReplicaWatch, WatchView, load_writer_id
 
 # Imported here, in whatever thread imports sqlrepl, rather than lazily by
 # anyio in the replicator thread: a fork() while that thread is half-way
@@ -133,6 +135,11 @@ class Options:
     - ``exit_timeout``: at interpreter exit, wait this long for pending
       uploads.
     - ``busy_timeout``: SQLite busy timeout of the replicator's connections.
+    - ``replica_check_interval``: how often each replica is looked at for
+      what happens behind sqlrepl's back (seconds; one LIST each time): a
+      replica emptied (it is re-seeded with a fresh snapshot) or another
+      writer writing to it (an error in the log and in ``status()``). See
+      docs/architecture.md, "Watching the replicas".
     """
 
     sync_interval: float = 1.0
@@ -152,6 +159,7 @@ class Options:
     exit_timeout: float = 10.0
     busy_timeout: float = 5.0
     retry_max: float = 30.0
+    replica_check_interval: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("sync_interval", "poll_interval", "exit_timeout", "busy_timeout", "retry_max"):
@@ -162,6 +170,9 @@ class Options:
             raise ConfigError(
                 f"option segment_max_bytes must be an integer >= 1, got {self.segment_max_bytes!r}"
             )
+        value = self.replica_check_interval
+        if not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"option replica_check_interval must be a number of seconds > 0, got {value!r}")
         if self.checkpoint_frames < 1:
             raise ConfigError("option checkpoint_frames must be >= 1")
         if self.wal_restart_frames < self.checkpoint_frames:
@@ -205,6 +216,12 @@ class _Replica:
     checked: bool = False
     work: anyio.Event | None = None
     uploads: int = 0
+    watch: ReplicaWatch | None = None
+    seen: WatchView = field(default_factory=WatchView)  # (a standby's copy of the holder's)
+
+    @property
+    def view(self) -> WatchView:
+        return self.watch.view if self.watch is not None else self.seen
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -224,6 +241,13 @@ class ReplicaStatus:
     txid: int
     last_error: str | None
     requests: dict[str, int]
+    #: When the replica was last checked for changes behind sqlrepl's back
+    #: (``time.time()``; ``None``: not yet).
+    checked_at: float | None = None
+    #: How often it was found emptied (and re-seeded with a snapshot).
+    wipes: int = 0
+    #: Other writers seen writing to this replica (empty unless misconfigured).
+    foreign_writers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -297,6 +321,7 @@ class Replicator:
         self._snapshot_delay = 10.0
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
+        self._writer = ""  # this staging directory's writer id (see _watch.py), once locked
 
     # -- public, any thread ------------------------------------------------------
 
@@ -407,7 +432,16 @@ class Replicator:
     def status(self) -> Status:
         with self._cond:
             reps = tuple(
-                ReplicaStatus(r.url, r.generation, r.txid, r.last_error, r.client.stats.as_dict())
+                ReplicaStatus(
+                    r.url,
+                    r.generation,
+                    r.txid,
+                    r.last_error,
+                    r.client.stats.as_dict(),
+                    r.view.checked_at,
+                    r.view.wipes,
+                    r.view.foreign_writers,
+                )
                 for r in self._replicas
             ) or tuple(ReplicaStatus(c.url, None, 0, None, c.stats.as_dict()) for c in self._clients)
             return Status(
@@ -539,6 +573,7 @@ class Replicator:
             log.error("cannot replicate %s: %s", self.database, exc)
             return
         self._capture = capture
+        self._writer = await anyio.to_thread.run_sync(load_writer_id, self._staging)
         self._load_replicas()
         await self._start_position()
         self._collect_staged()
@@ -617,8 +652,14 @@ class Replicator:
                     generation=saved.get("generation"),
                     txid=int(saved.get("txid", 0)),
                     uploaded=set(saved.get("uploaded", [])) & keys,
+                    watch=ReplicaWatch(
+                        client, self._writer, self.options.replica_check_interval, self.database
+                    ),
                 )
             )
+            watch = self._replicas[-1].watch
+            if saved.get("generation") is not None and watch is not None:
+                watch.check_soon()  # continuing: learn our records (or their loss) before uploading
 
     def _obj_from_key(self, key: str, *, compacted: bool = False, window: bool = False) -> _Obj | None:
         parsed = _format.parse_key(key)
@@ -1153,6 +1194,8 @@ class Replicator:
                 if not r.checked:
                     await self._check_replica(r)
                 while True:
+                    if r.watch is not None and r.watch.due():  # (also amid a long backlog)
+                        await self._watch_replica(r)
                     nxt = self._next_for(r)
                     if nxt is None:
                         break
@@ -1183,8 +1226,34 @@ class Replicator:
                 await anyio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, self.options.retry_max)
                 continue
-            await r.work.wait()
-            r.work = anyio.Event()
+            with anyio.move_on_after(r.watch.seconds_left() if r.watch is not None else math.inf):
+                await r.work.wait()
+            if r.work.is_set():
+                r.work = anyio.Event()
+
+    async def _watch_replica(self, r: _Replica) -> None:
+        """The periodic look at a replica (see _watch.py); re-seed it if it
+        was emptied."""
+        assert r.watch is not None
+        generation = r.generation
+        if await r.watch.check(generation) and r.generation == generation:
+            log.error(
+                "replica %s was emptied behind sqlrepl's back (the record of generation %s is gone):"
+                " sending it a fresh snapshot; the history before it is lost there, and sync() waits"
+                " until it holds the database again",
+                r.url,
+                generation,
+            )
+            await self._reseed(r)
+
+    async def _reseed(self, r: _Replica) -> None:
+        """Forget what ``r`` held: it gets the newest snapshot of the current
+        generation (a fresh one if none is staged), then what follows."""
+        with self._cond:
+            r.generation, r.txid, r.uploaded = None, 0, set()
+            self._cond.notify_all()
+        await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        self._publish_progress()
 
     async def _check_replica(self, r: _Replica) -> None:
         """At start (and after a configuration error): is the store there,
@@ -1193,12 +1262,15 @@ class Replicator:
         if r.generation is not None:
             prefix = f"{_format.GENERATIONS}{r.generation}/snapshots/"
             if not await r.client.list(prefix):
-                log.warning(
-                    "replica %s no longer holds generation %s; sending a fresh snapshot",
+                log.error(
+                    "replica %s no longer holds generation %s (emptied behind sqlrepl's back?);"
+                    " sending it a fresh snapshot",
                     r.url,
                     r.generation,
                 )
-                r.generation, r.txid, r.uploaded = None, 0, set()
+                if r.watch is not None:
+                    r.watch.note_wipe(r.generation)
+                await self._reseed(r)
         r.checked = True
 
     async def _uploaded(self, r: _Replica, obj: _Obj) -> None:
@@ -1221,6 +1293,10 @@ class Replicator:
             log.debug("cannot record the upload position of %s: %s", r.url, exc)
         self._collect_staged()
         self._publish_progress()
+        if obj.kind == _SNAPSHOT and obj.generation == r.generation and r.watch is not None:
+            # (Again with each snapshot: whatever removes the newest snapshot
+            # then removes the record too, and the watch sees it.)
+            await r.watch.claim(obj.generation)
 
     def _collect_staged(self) -> None:
         """Delete staged objects no replica needs any more; keep uploaded
@@ -1354,7 +1430,15 @@ class Replicator:
             "generation": gen,
             "txid": txid,
             "replicas": [
-                {"url": r.url, "generation": r.generation, "txid": r.txid, "error": r.last_error}
+                {
+                    "url": r.url,
+                    "generation": r.generation,
+                    "txid": r.txid,
+                    "error": r.last_error,
+                    "checked_at": r.view.checked_at,
+                    "wipes": r.view.wipes,
+                    "foreign_writers": list(r.view.foreign_writers),
+                }
                 for r in self._replicas
             ],
         }
@@ -1387,6 +1471,9 @@ class Replicator:
                     generation=got.get("generation"),
                     txid=int(got.get("txid", 0)),
                     last_error=got.get("error"),
+                    seen=WatchView(
+                        got.get("checked_at"), int(got.get("wipes", 0)), tuple(got.get("foreign_writers", ()))
+                    ),
                 )
             )
         self._replicas = reps
@@ -1413,6 +1500,7 @@ class Replicator:
         horizon = int((now - retention) * 1000) if retention is not None else -1
         gens = group_generations(await r.client.list(_format.GENERATIONS))
         doomed: list[str] = []
+        spared: list[str] = []  # another writer's, or not known yet not to be
         for gen in gens:
             if gen.id == self._generation:
                 doomed += self._covered_segments(gen, now)
@@ -1429,12 +1517,22 @@ class Replicator:
                 and gen.last_timestamp_ms < horizon
                 and gen.id < (self._generation or "")
             ):
+                if r.watch is not None and not r.watch.may_retire(gen.id, self._generation):
+                    spared.append(gen.id)
+                    continue
                 doomed += [k.key for k, _ in gen.snapshots] + [k.key for k, _ in gen.segments]
+                doomed += r.watch.record_keys(gen.id) if r.watch is not None else []
         doomed = sorted(set(doomed))
         for i in range(0, len(doomed), 1000):
             await r.client.delete(doomed[i : i + 1000])
         if doomed:
             log.info("retention removed %d objects from %s", len(doomed), r.url)
+        if spared:
+            log.info(
+                "retention on %s spares generation(s) %s: another writer wrote or may still write them",
+                r.url,
+                ", ".join(spared),
+            )
 
     def _covered_segments(self, gen: Generation, now: float) -> list[str]:
         """Small segments of ``gen`` that a merged segment covers and that
