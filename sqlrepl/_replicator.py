@@ -205,6 +205,10 @@ class _Replica:
     checked: bool = False
     work: anyio.Event | None = None
     uploads: int = 0
+    last_upload_time: float | None = None  # wall clock, of the last object stored
+    # Wall clock capture time of the oldest change this replica lacks; None
+    # while it holds everything captured (see Replicator._lag).
+    behind_since: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -224,6 +228,15 @@ class ReplicaStatus:
     txid: int
     last_error: str | None
     requests: dict[str, int]
+    # Seconds since the oldest change this replica lacks was captured (0 when
+    # it holds everything captured), and the staged bytes (as stored,
+    # compressed) it still has to upload; None where this process does not
+    # replicate (standby).
+    lag_seconds: float | None = None
+    lag_bytes: int | None = None
+    last_upload_time: float | None = None  # Unix time of the last object stored; None: none yet
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -242,6 +255,10 @@ class Status:
     # running replicator, what was seen (the new file is replicated as a new
     # generation); None if never.
     replaced: str | None = None
+    # Started by this process since it began replicating.
+    snapshots: int = 0
+    compactions: int = 0
+    generations: int = 0
 
 
 class Replicator:
@@ -297,6 +314,7 @@ class Replicator:
         self._snapshot_delay = 10.0
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
+        self._snapshots = self._compactions = self._generations = 0
 
     # -- public, any thread ------------------------------------------------------
 
@@ -406,21 +424,62 @@ class Replicator:
     @property
     def status(self) -> Status:
         with self._cond:
-            reps = tuple(
-                ReplicaStatus(r.url, r.generation, r.txid, r.last_error, r.client.stats.as_dict())
-                for r in self._replicas
-            ) or tuple(ReplicaStatus(c.url, None, 0, None, c.stats.as_dict()) for c in self._clients)
+            now = time.time()
+            staged = list(self._staged)
+            reps = tuple(self._replica_status(r, staged, now) for r in self._replicas) or tuple(
+                ReplicaStatus(c.url, None, 0, None, c.stats.as_dict()) for c in self._clients
+            )
             return Status(
                 self.database,
                 self._role,
                 self._generation,
                 self._txid,
                 reps,
-                len(self._staged),
-                sum(o.size for o in self._staged),
+                len(staged),
+                sum(o.size for o in staged),
                 self._error,
                 self._replaced,
+                self._snapshots,
+                self._compactions,
+                self._generations,
             )
+
+    def _replica_status(self, r: _Replica, staged: list[_Obj], now: float) -> ReplicaStatus:
+        lag: tuple[float | None, int | None] = (None, None)
+        if self._role == "replicating":
+            lag = self._lag(r, staged, now)
+        stats = r.client.stats
+        return ReplicaStatus(
+            r.url,
+            r.generation,
+            r.txid,
+            r.last_error,
+            stats.as_dict(),
+            lag_seconds=lag[0],
+            lag_bytes=lag[1],
+            last_upload_time=r.last_upload_time,
+            bytes_by_kind=stats.bytes_by_kind(),
+            errors_by_kind=dict(stats.errors_by_kind),
+        )
+
+    def _lag(self, r: _Replica, staged: list[_Obj], now: float) -> tuple[float, int]:
+        """(seconds, bytes) by which ``r`` trails the capture. Computed when
+        asked, from what the loop keeps anyway: nothing on the commit path."""
+        if r.generation == self._generation and r.txid >= self._txid:
+            return 0.0, 0
+        needed = [o for o in staged if not o.compacted and self._role_of(r, o) in ("upload", "later", "held")]
+        since = r.behind_since
+        if since is None:  # (behind since before this process started)
+            since = min((o.timestamp_ms / 1000 for o in needed), default=now)
+        return max(0.0, now - since), sum(o.size for o in needed)
+
+    def _mark_behind(self) -> None:
+        """The capture moved on: every replica that held everything is now
+        behind, since now."""
+        now = time.time()
+        for r in self._replicas:
+            if r.behind_since is None:
+                r.behind_since = now
 
     # -- fork ----------------------------------------------------------------
 
@@ -696,6 +755,9 @@ class Replicator:
                 await anyio.sleep(0.05)
         self._generation = generation
         self._txid = capture.txid
+        self._generations += 1
+        self._snapshots += 1
+        self._mark_behind()
         self._drop_window()
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
@@ -939,6 +1001,7 @@ class Replicator:
         waits on it)."""
         assert self._capture is not None
         self._txid = self._capture.txid
+        self._mark_behind()
         obj = self._add_staged(staged)
         obj.held = True
         obj.page_bytes = staged.header.page_count * staged.header.page_size
@@ -1084,6 +1147,7 @@ class Replicator:
             self._snapshot_delay = min(self._snapshot_delay * 2, 600.0)
             return
         self._snapshot_wanted = False
+        self._snapshots += 1
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
@@ -1209,6 +1273,17 @@ class Replicator:
                     r.generation, r.txid = obj.generation, obj.first
             elif obj.generation == r.generation and obj.first == r.txid + 1:
                 r.txid = obj.last
+            r.last_upload_time = time.time()
+            if r.generation == self._generation and r.txid >= self._txid:
+                r.behind_since = None
+            elif r.behind_since is not None:
+                # What it lacks now was captured no earlier than the next object it needs.
+                pending = [
+                    o.timestamp_ms / 1000
+                    for o in self._staged
+                    if not o.compacted and self._role_of(r, o) in ("upload", "later", "held")
+                ]
+                r.behind_since = max(r.behind_since, min(pending, default=r.behind_since))
             self._cond.notify_all()
         try:
             await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
@@ -1286,6 +1361,7 @@ class Replicator:
         """Merge the window into one segment, staged for every replica."""
         window, self._window = self._window, []
         if len(window) >= 2:
+            self._compactions += 1
             try:
                 key = await anyio.to_thread.run_sync(self._stage_merged, window, self._staging.compacted)
             except Exception as exc:  # a bad window is not worth stopping for
