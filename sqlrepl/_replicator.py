@@ -1573,6 +1573,12 @@ def get_replicator(
         return rep
 
 
+def all_replicators() -> list[Replicator]:
+    """Every replicator of this process (for metrics: read their ``status``)."""
+    with _registry_lock:
+        return list(_registry.values())
+
+
 def stop_all(*, flush: bool = True, timeout: float | None = None) -> None:
     """Stop every replicator of this process (flushing first, by default)."""
     with _registry_lock:
