@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -190,3 +191,29 @@ def test_scrape_while_the_store_dies_and_comes_back(
     assert value(recovered, "sqlrepl_captured_txid", database=db) == now.txid
     assert total(recovered, "sqlrepl_replica_errors_total") > errors_before
     conn.close()
+
+
+def test_django_example_serves_the_series(tmp_path: Path) -> None:
+    """The Django example's /metrics (prometheus_client's default registry) carries sqlrepl's series."""
+    from test_django import database, run_django
+
+    proc = run_django(
+        database(tmp_path),
+        """
+        from django.test import Client
+        call_command("migrate", verbosity=0)
+        Item.objects.create(name="a")
+        sqlrepl.sync(DB)
+        response = Client(HTTP_HOST="localhost").get("/metrics")
+        body = response.content.decode()
+        out({"status": response.status_code, "body": body, "txid": sqlrepl.status(DB).txid})
+        """,
+    )
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["status"] == 200
+    samples = {
+        (s.name, s.labels.get("database")): s.value
+        for family in text_string_to_metric_families(got["body"])
+        for s in family.samples
+    }
+    assert samples[("sqlrepl_captured_txid", str(tmp_path / "app.db"))] == got["txid"] > 0
