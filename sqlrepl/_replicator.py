@@ -59,6 +59,7 @@ from ._errors import (
 from ._replica import ReplicaClient, open_replica, redact_url
 from ._restore import Generation, group_generations
 from ._staging import Staging
+from ._verify import Verification, verify_replica
 
 # Imported here, in whatever thread imports sqlrepl, rather than lazily by
 # anyio in the replicator thread: a fork() while that thread is half-way
@@ -81,6 +82,9 @@ _SEGMENT = "G"
 # A full staging disk shrinks segments down to this, so that one fits in what
 # is left (each is uploaded and deleted before the next is written).
 _MIN_PIECE = 256 << 10
+# Database checksums kept for verification: the newest captures' (a replica
+# further behind than this many captures is verified once it catches up).
+_CHECKSUMS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ class Options:
     - ``exit_timeout``: at interpreter exit, wait this long for pending
       uploads.
     - ``busy_timeout``: SQLite busy timeout of the replicator's connections.
+    - ``verify_interval``: every this many seconds, prove in the background
+      that each replica restores to the database's checksum at its newest
+      txid (reads the replica's restore chain; see ``sqlrepl._verify``), and
+      report it in ``status()``; ``None`` (default): never.
     """
 
     sync_interval: float = 1.0
@@ -152,8 +160,15 @@ class Options:
     exit_timeout: float = 10.0
     busy_timeout: float = 5.0
     retry_max: float = 30.0
+    verify_interval: float | None = None
 
     def __post_init__(self) -> None:
+        if self.verify_interval is not None and (
+            not isinstance(self.verify_interval, int | float) or self.verify_interval <= 0
+        ):
+            raise ConfigError(
+                f"option verify_interval must be seconds > 0, or None; got {self.verify_interval!r}"
+            )
         for name in ("sync_interval", "poll_interval", "exit_timeout", "busy_timeout", "retry_max"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
@@ -209,6 +224,9 @@ class _Replica:
     # Wall clock capture time of the oldest change this replica lacks; None
     # while it holds everything captured (see Replicator._lag).
     behind_since: float | None = None
+    verification: Verification | None = None  # the last periodic verification's outcome
+    verified_time: float | None = None  # the last one that proved the replica
+    verify_failures: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -237,6 +255,11 @@ class ReplicaStatus:
     last_upload_time: float | None = None  # Unix time of the last object stored; None: none yet
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    # Periodic verification (Options.verify_interval): the last outcome, and
+    # the Unix time of the last one that proved the replica restores.
+    verification: Verification | None = None
+    verified_time: float | None = None
+    verify_failures: int = 0  # runs that found the replica would not restore
 
 
 @dataclass(frozen=True)
@@ -315,6 +338,9 @@ class Replicator:
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
         self._snapshots = self._compactions = self._generations = 0
+        # txid -> database checksum after it, for the captures of the current
+        # generation (bounded): what verification compares a replica with.
+        self._checksums: dict[int, int] = {}
 
     # -- public, any thread ------------------------------------------------------
 
@@ -460,6 +486,9 @@ class Replicator:
             last_upload_time=r.last_upload_time,
             bytes_by_kind=stats.bytes_by_kind(),
             errors_by_kind=dict(stats.errors_by_kind),
+            verification=r.verification,
+            verified_time=r.verified_time,
+            verify_failures=r.verify_failures,
         )
 
     def _lag(self, r: _Replica, staged: list[_Obj], now: float) -> tuple[float, int]:
@@ -472,6 +501,45 @@ class Replicator:
         if since is None:  # (behind since before this process started)
             since = min((o.timestamp_ms / 1000 for o in needed), default=now)
         return max(0.0, now - since), sum(o.size for o in needed)
+
+    def _remember_checksum(self) -> None:
+        assert self._capture is not None
+        checksums = self._checksums
+        checksums[self._capture.txid] = self._capture.checksum
+        while len(checksums) > _CHECKSUMS_KEPT:
+            del checksums[next(iter(checksums))]
+
+    async def _verifier(self, interval: float) -> None:
+        """Every ``interval`` seconds, verify each replica in turn (see
+        ``sqlrepl._verify``): one request at a time, beside the uploads."""
+        while True:
+            await anyio.sleep(interval)
+            for r in self._replicas:
+                gen = r.generation
+                if gen is None or gen != self._generation or r.txid == 0:
+                    continue  # (it is getting a new snapshot: nothing to prove yet)
+                try:
+                    outcome = await verify_replica(r.client, gen, self._checksums.get)
+                except Exception as exc:  # a verification bug must not stop replication
+                    log.exception("verification of replica %s of %s crashed", r.url, self.database)
+                    outcome = Verification(None, time.time(), gen, None, 0, 0, f"{type(exc).__name__}: {exc}")
+                with self._cond:
+                    r.verification = outcome
+                    if outcome.ok:
+                        r.verified_time = outcome.time
+                    elif outcome.ok is False:
+                        r.verify_failures += 1
+                if outcome.ok is False:
+                    log.error(
+                        "VERIFICATION FAILED: replica %s of %s would not restore to the database: %s",
+                        r.url,
+                        self.database,
+                        outcome.message,
+                    )
+                elif outcome.ok is None:
+                    log.info("verification of replica %s of %s: %s", r.url, self.database, outcome.message)
+                else:
+                    log.debug("replica %s of %s verified: %s", r.url, self.database, outcome.message)
 
     def _mark_behind(self) -> None:
         """The capture moved on: every replica that held everything is now
@@ -609,6 +677,8 @@ class Replicator:
             for r in self._replicas:
                 tg.start_soon(self._uploader, r)
             tg.start_soon(self._maintenance)
+            if self.options.verify_interval is not None:
+                tg.start_soon(self._verifier, self.options.verify_interval)
             await self._capture_loop()
             # Flush: let uploaders drain until the deadline, then stop them.
             with anyio.move_on_after(max(0.0, self._stop_deadline - time.monotonic())):
@@ -755,6 +825,8 @@ class Replicator:
                 await anyio.sleep(0.05)
         self._generation = generation
         self._txid = capture.txid
+        self._checksums = {}
+        self._remember_checksum()
         self._generations += 1
         self._snapshots += 1
         self._mark_behind()
@@ -1001,6 +1073,7 @@ class Replicator:
         waits on it)."""
         assert self._capture is not None
         self._txid = self._capture.txid
+        self._remember_checksum()
         self._mark_behind()
         obj = self._add_staged(staged)
         obj.held = True

@@ -80,6 +80,26 @@ class _Families:
         self.errors = c(
             "sqlrepl_replica_errors", "Failed requests to the replica (retried or not), by kind", labels=_KIND
         )
+        self.verified = g(
+            "sqlrepl_replica_verify_success_timestamp_seconds",
+            "Unix time of the last periodic verification that proved the replica restores",
+            labels=_REP,
+        )
+        self.verified_txid = g(
+            "sqlrepl_replica_verified_txid",
+            "Transaction id at which the last periodic verification with a verdict checked the replica",
+            labels=_REP,
+        )
+        self.verify_ok = g(
+            "sqlrepl_replica_verify_ok",
+            "1 if the last periodic verification with a verdict proved the replica, 0 if it failed",
+            labels=_REP,
+        )
+        self.verify_failures = c(
+            "sqlrepl_replica_verify_failures",
+            "Periodic verifications that found the replica would not restore to the database",
+            labels=_REP,
+        )
 
     def add(self, st: Status) -> None:
         db = [st.database]
@@ -105,6 +125,14 @@ class _Families:
                 self.errors.add_metric([*rep, kind], r.errors_by_kind.get(kind, 0))
             for kind in _BYTE_KINDS:
                 self.bytes.add_metric([*rep, kind], r.bytes_by_kind.get(kind, 0))
+            self.verify_failures.add_metric(rep, r.verify_failures)
+            if r.verified_time is not None:
+                self.verified.add_metric(rep, r.verified_time)
+            v = r.verification
+            if v is not None and v.ok is not None:
+                self.verify_ok.add_metric(rep, 1.0 if v.ok else 0.0)
+                if v.txid is not None:
+                    self.verified_txid.add_metric(rep, v.txid)
 
     def __iter__(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         return iter(v for v in vars(self).values() if isinstance(v, GaugeMetricFamily | CounterMetricFamily))

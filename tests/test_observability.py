@@ -3,15 +3,19 @@ snapshots, compactions and generations."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from helpers import fast_options, file_url
+from prometheus_client import CollectorRegistry
 
 import sqlrepl
+import sqlrepl.prometheus
 from sqlrepl import _replica_memory
 
 T = TypeVar("T")
@@ -105,4 +109,73 @@ def test_compactions_and_snapshots_are_counted(db_path: str, tmp_path: Path) -> 
     wait_for("a compaction", lambda: sqlrepl.status(db_path).compactions >= 1)
     wait_for("a second snapshot", lambda: sqlrepl.status(db_path).snapshots >= 2)
     assert sqlrepl.status(db_path).generations == 1
+    conn.close()
+
+
+def test_periodic_verification_proves_a_healthy_replica(db_path: str, tmp_path: Path) -> None:
+    """With verify_interval, status() reports that the replica restores to the
+    database's checksum at its newest txid."""
+    options = fast_options(verify_interval=0.1, compaction_interval=None)
+    conn = sqlrepl.connect(db_path, file_url(tmp_path / "r"), options=options)
+    conn.execute("CREATE TABLE t(v)")
+    for _ in range(3):  # a snapshot, then segments
+        _write(conn, 2)
+        sqlrepl.sync(db_path)
+    txid = sqlrepl.status(db_path).txid
+    rep = wait_for(
+        f"a verification at txid {txid}",
+        lambda: (r := sqlrepl.status(db_path).replicas[0]).verification and r.verification.txid == txid and r,
+    )
+    assert rep.verification is not None
+    assert rep.verification.ok is True, rep.verification
+    assert rep.verification.objects >= 2
+    assert rep.verified_time == rep.verification.time
+    registry = CollectorRegistry()
+    sqlrepl.prometheus.register(registry)
+    labels = {"database": sqlrepl.status(db_path).database, "replica": rep.url}
+    assert registry.get_sample_value("sqlrepl_replica_verify_failures_total", labels) == 0
+    assert (registry.get_sample_value("sqlrepl_replica_verify_success_timestamp_seconds", labels) or 0) >= (
+        rep.verified_time
+    )
+    conn.close()
+
+
+def test_periodic_verification_reports_an_altered_segment(
+    db_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A segment altered in the store makes the next verification fail, named,
+    and logged as an error; the replica keeps replicating."""
+    options = fast_options(verify_interval=0.1, compaction_interval=None)
+    conn = sqlrepl.connect(db_path, file_url(tmp_path / "r"), options=options)
+    conn.execute("CREATE TABLE t(v)")
+    for _ in range(3):
+        _write(conn, 2)
+        sqlrepl.sync(db_path)
+    wait_for("a first verification", lambda: sqlrepl.status(db_path).replicas[0].verified_time)
+    victim = max((tmp_path / "r").glob("generations/*/segments/*.segment"))
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0x40  # in the body (compressed pages)
+    victim.write_bytes(bytes(data))
+    altered = time.time()
+    failed = wait_for(
+        "a failed verification",
+        lambda: (
+            (v := sqlrepl.status(db_path).replicas[0].verification)
+            and v.time > altered
+            and v.ok is False
+            and v
+        ),
+    )
+    assert victim.name in failed.message
+    assert "damaged" in failed.message
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("VERIFICATION FAILED" in m and victim.name in m for m in errors), errors
+    registry = CollectorRegistry()
+    sqlrepl.prometheus.register(registry)
+    rep = sqlrepl.status(db_path).replicas[0]
+    labels = {"database": sqlrepl.status(db_path).database, "replica": rep.url}
+    failures = registry.get_sample_value("sqlrepl_replica_verify_failures_total", labels)
+    assert failures is not None
+    assert failures >= 1
+    assert failures == rep.verify_failures
     conn.close()
