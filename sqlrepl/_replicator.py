@@ -793,6 +793,7 @@ class Replicator:
             assert state is not None
             self._generation = state["generation"]
             self._txid = capture.txid
+            self._remember_checksum()
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
             self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))

@@ -3,6 +3,7 @@ snapshots, compactions and generations."""
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from helpers import fast_options, file_url
+from helpers import fast_options, file_url, run_python
 from prometheus_client import CollectorRegistry
 
 import sqlrepl
@@ -179,3 +180,40 @@ def test_periodic_verification_reports_an_altered_segment(
     assert failures >= 1
     assert failures == rep.verify_failures
     conn.close()
+
+
+def test_the_library_logs_under_sqlrepl_only(tmp_path: Path) -> None:
+    """Replicating (and failing) leaves the root logger untouched, and every
+    logger sqlrepl's modules hold is named sqlrepl..."""
+    result = run_python(
+        """
+        import json, logging, sys, sqlrepl, sqlrepl.prometheus
+        from sqlrepl import _replica_memory
+        db = sys.argv[1]
+        conn = sqlrepl.connect(db, "memory://logs", options=sqlrepl.Options(sync_interval=0.05))
+        conn.execute("CREATE TABLE t(v)")
+        conn.commit()
+        sqlrepl.sync(db)
+        _replica_memory.fail_next("logs", 3)
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.commit()
+        sqlrepl.sync(db)
+        names = sorted(
+            {
+                value.name
+                for name, module in list(sys.modules.items())
+                if name.startswith("sqlrepl")
+                for value in vars(module).values()
+                if isinstance(value, logging.Logger)
+            }
+        )
+        root = logging.getLogger()
+        print(json.dumps({"names": names, "handlers": len(root.handlers), "level": root.level}))
+        """,
+        str(tmp_path / "app.db"),
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "sqlrepl" in got["names"]
+    assert all(name.startswith("sqlrepl") for name in got["names"]), got
+    assert (got["handlers"], got["level"]) == (0, logging.WARNING)
