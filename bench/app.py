@@ -21,9 +21,11 @@ for Litestream with ``litestream sync -wait``).
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -380,6 +382,24 @@ class MarkerProbe:
             self._conn.close()
 
 
+def start_scraper() -> subprocess.Popen[str]:
+    """Serve sqlrepl's Prometheus collector from this process, as an app
+    would, and have a separate process scrape it once a second
+    (``SQLREPL_BENCH_PROMETHEUS=1``: the overhead benchmark)."""
+    import prometheus_client
+
+    import sqlrepl.prometheus
+
+    sqlrepl.prometheus.register()
+    server, _thread = prometheus_client.start_http_server(0, addr="127.0.0.1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.scrape", str(server.server_port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     say = sys.stdout
@@ -389,10 +409,13 @@ def main() -> None:
     # must not be deleted by a last close between phases (sqlrepl's
     # documented rule), and apps usually keep a connection anyway.
     keeper = open_connection(spec)
+    scraper = None
     if spec["way"] == "sqlrepl":
         import sqlrepl
 
         sqlrepl.sync(spec["db"], timeout=600)
+        if os.environ.get("SQLREPL_BENCH_PROMETHEUS"):
+            scraper = start_scraper()
     print("ready", file=say, flush=True)
     if sys.stdin.readline().strip() != "go":
         sys.exit("expected 'go'")
@@ -426,8 +449,13 @@ def main() -> None:
             "staged_bytes": st.staged_bytes,
             "replicas": [{"url": r.url, "txid": r.txid, "requests": r.requests} for r in st.replicas],
         }
+    scrapes = None
+    if scraper is not None:
+        out_text, _ = scraper.communicate(timeout=60)
+        scrapes = int(out_text)
     lat = rec.merged()
     out = {
+        "prometheus_scrapes": scrapes,
         "go": go,
         "end": end,
         "synced": synced,

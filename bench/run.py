@@ -309,6 +309,7 @@ def run_one(
         "requests": summarize(window),
         "setup_requests": summarize(setup_ex),
         "sqlrepl_status": res["sqlrepl_status"],
+        "prometheus_scrapes": res.get("prometheus_scrapes"),
         "final_sync_seconds": (
             sync_seconds
             if way == "litestream"

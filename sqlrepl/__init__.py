@@ -35,6 +35,7 @@ from ._errors import (
 from ._replica import ObjectInfo, ReplicaClient, RequestStats, open_replica
 from ._replicator import Options, Replicator, Status, get_replicator, stop_all
 from ._restore import RestoreResult, restore, restore_async
+from ._verify import Verification
 
 __version__ = "0.1.0.dev0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "Options",
     "Replicator",
     "Status",
+    "Verification",
     "get_replicator",
     # restore
     "restore",

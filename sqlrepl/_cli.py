@@ -21,6 +21,7 @@ import anyio
 
 from ._connection import connect
 from ._errors import SqlreplError
+from ._progress import ProgressCallback, terminal_bar
 from ._replica import open_replica
 from ._replicator import Options, get_replicator, stop_all
 from ._restore import Generation, list_generations, restore
@@ -64,17 +65,19 @@ def _print_table(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     output = args.output or args.database
-    result = restore(
-        output,
-        args.replica,
-        if_db_not_exists=not args.if_db_not_exists_error,
-        if_replica_exists=args.if_replica_exists,
-        overwrite=args.overwrite,
-        txid=args.txid,
-        timestamp=args.timestamp,
-        generation=args.generation,
-        parallelism=args.parallelism,
-    )
+    with terminal_bar("restore") as progress:
+        result = restore(
+            output,
+            args.replica,
+            if_db_not_exists=not args.if_db_not_exists_error,
+            if_replica_exists=args.if_replica_exists,
+            overwrite=args.overwrite,
+            txid=args.txid,
+            timestamp=args.timestamp,
+            generation=args.generation,
+            parallelism=args.parallelism,
+            progress=progress,
+        )
     if result is None:
         why = "the database exists" if os.path.exists(output) else "the replica is empty"
         print(f"nothing restored: {why}")
@@ -164,13 +167,14 @@ def cmd_segments(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify(database: str, replica: str) -> tuple[bool, str]:
+def verify(database: str, replica: str, progress: ProgressCallback | None = None) -> tuple[bool, str]:
     """Restore ``replica`` into a temporary file and compare it with the live
-    ``database``. Returns (same?, a one-line explanation)."""
+    ``database``. Returns (same?, a one-line explanation). ``progress`` is
+    called as the restore proceeds, as by :func:`sqlrepl.restore`."""
     work = tempfile.mkdtemp(prefix="sqlrepl-verify-")
     try:
         target = os.path.join(work, "restored.db")
-        result = restore(target, replica)
+        result = restore(target, replica, progress=progress)
         if result is None:
             return False, f"replica {replica} is empty"
         restored = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
@@ -203,7 +207,8 @@ def verify(database: str, replica: str) -> tuple[bool, str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    same, message = verify(args.database, args.replica)
+    with terminal_bar("verify") as progress:
+        same, message = verify(args.database, args.replica, progress)
     print(message)
     return 0 if same else 1
 

@@ -29,6 +29,7 @@ __all__ = [
     "RequestStats",
     "open_replica",
     "redact_url",
+    "request_kind",
 ]
 
 
@@ -45,13 +46,27 @@ class RequestStats:
     """Counts of requests made to a store, by kind, and bytes moved.
 
     Kinds are ``PUT`` (including each multipart part), ``GET``, ``LIST``,
-    ``DELETE`` and ``HEAD``. ``errors`` counts failed attempts (retried or not).
+    ``DELETE`` and ``HEAD``. ``errors`` counts failed attempts (retried or not),
+    ``errors_by_kind`` the same by the kind of request that failed. Updated by
+    the client in its event loop; read from any thread (a reader may see one
+    counter a request ahead of another, never a torn value).
     """
 
     requests: Counter[str] = field(default_factory=Counter)
     bytes_up: int = 0
     bytes_down: int = 0
     errors: int = 0
+    errors_by_kind: Counter[str] = field(default_factory=Counter)
+
+    def failed(self, kind: str) -> None:
+        """Count one failed attempt of a request of ``kind``."""
+        self.errors += 1
+        self.errors_by_kind[kind] += 1
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Object bytes moved, by request kind: sent by ``PUT``, received by
+        ``GET`` (requests of other kinds move no object bytes)."""
+        return {"PUT": self.bytes_up, "GET": self.bytes_down}
 
     def as_dict(self) -> dict[str, int]:
         out = {k: int(v) for k, v in sorted(self.requests.items())}
@@ -59,6 +74,16 @@ class RequestStats:
         out["bytes_down"] = self.bytes_down
         out["errors"] = self.errors
         return out
+
+
+# What a client calls an action in its error messages -> the request kind.
+_ACTION_KINDS = {"put": "PUT", "get": "GET", "list": "LIST", "delete": "DELETE", "abort upload": "DELETE"}
+
+
+def request_kind(action: str) -> str:
+    """The request kind (``PUT``, ``GET``...) of a client's ``action``;
+    ``HEAD`` for checks and connecting."""
+    return _ACTION_KINDS.get(action, "HEAD")
 
 
 @runtime_checkable

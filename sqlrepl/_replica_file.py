@@ -25,7 +25,7 @@ from ._errors import (
     ReplicaPermissionError,
     ReplicaUnavailableError,
 )
-from ._replica import ObjectInfo, RequestStats
+from ._replica import ObjectInfo, RequestStats, request_kind
 from ._staging import fsync_dir
 
 __all__ = ["FileReplicaClient", "from_url"]
@@ -73,7 +73,7 @@ class FileReplicaClient:
         return os.path.join(self._root, *key.split("/"))
 
     def _error(self, action: str, key: str, exc: OSError) -> ReplicaError:
-        self._stats.errors += 1
+        self._stats.failed(request_kind(action))
         where = f"{self.url}/{key}" if key else self.url
         if isinstance(exc, FileNotFoundError):
             return ObjectNotFoundError(f"{action} {where}: no such object", replica=self.url)

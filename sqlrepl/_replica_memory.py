@@ -70,7 +70,7 @@ class MemoryReplicaClient:
             pending = _failures.get(self._name)
             err = pending.pop(0) if pending else None
         if err is not None:
-            self._stats.errors += 1
+            self._stats.failed(kind)
             raise err
 
     async def check(self) -> None:

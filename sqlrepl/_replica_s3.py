@@ -62,7 +62,7 @@ from ._errors import (
     ReplicaNotFoundError,
     ReplicaUnavailableError,
 )
-from ._replica import ObjectInfo, RequestStats
+from ._replica import ObjectInfo, RequestStats, request_kind
 
 log = logging.getLogger("sqlrepl")
 
@@ -504,9 +504,12 @@ class S3ReplicaClient:
         if operation in ("PutObject", "UploadPart"):
             self._stats.bytes_up += int(request.headers.get("Content-Length", 0))
 
-    def _on_response(self, exception: Any = None, response_dict: Any = None, **_: Any) -> None:
+    def _on_response(
+        self, exception: Any = None, response_dict: Any = None, event_name: str = "", **_: Any
+    ) -> None:
         if exception is not None or (response_dict and response_dict.get("status_code", 0) >= 300):
-            self._stats.errors += 1
+            operation = event_name.rsplit(".", 1)[-1]
+            self._stats.failed(_KINDS.get(operation, operation))
 
     # -- the calls ---------------------------------------------------------
 
@@ -700,7 +703,7 @@ class S3ReplicaClient:
                         self._stats.bytes_down += len(chunk)
                 return b"".join(chunks)
             except _BODY_ERRORS as exc:
-                self._stats.errors += 1
+                self._stats.failed("GET")
                 if attempt == attempts:
                     raise self._translate(exc, "get", key, errors_before=-1) from exc
                 await asyncio.sleep(0.1 * attempt)
@@ -765,7 +768,7 @@ class S3ReplicaClient:
         streaming failure. ``errors_before`` (or -1) is ``stats.errors`` when
         the call began: a call that failed without a failed attempt counts one."""
         if errors_before >= 0 and self._stats.errors == errors_before:
-            self._stats.errors += 1
+            self._stats.failed(request_kind(action))
         where = f"{action} {self._where(key)}"
         if isinstance(exc, botocore.exceptions.ClientError):
             response = exc.response

@@ -60,6 +60,7 @@ from ._errors import (
 from ._replica import ReplicaClient, open_replica, redact_url
 from ._restore import Generation, group_generations
 from ._staging import Staging
+from ._verify import Verification, verify_replica
 from ._watch import ReplicaWatch, WatchView, load_writer_id
 
 # Imported here, in whatever thread imports sqlrepl, rather than lazily by
@@ -83,6 +84,9 @@ _SEGMENT = "G"
 # A full staging disk shrinks segments down to this, so that one fits in what
 # is left (each is uploaded and deleted before the next is written).
 _MIN_PIECE = 256 << 10
+# Database checksums kept for verification: the newest captures' (a replica
+# further behind than this many captures is verified once it catches up).
+_CHECKSUMS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,10 @@ class Options:
       replica emptied (it is re-seeded with a fresh snapshot) or another
       writer writing to it (an error in the log and in ``status()``). See
       docs/architecture.md, "Watching the replicas".
+    - ``verify_interval``: every this many seconds, prove in the background
+      that each replica restores to the database's checksum at its newest
+      txid (reads the replica's restore chain; see ``sqlrepl._verify``), and
+      report it in ``status()``; ``None`` (default): never.
     """
 
     sync_interval: float = 1.0
@@ -160,8 +168,15 @@ class Options:
     busy_timeout: float = 5.0
     retry_max: float = 30.0
     replica_check_interval: float = 60.0
+    verify_interval: float | None = None
 
     def __post_init__(self) -> None:
+        if self.verify_interval is not None and (
+            not isinstance(self.verify_interval, int | float) or self.verify_interval <= 0
+        ):
+            raise ConfigError(
+                f"option verify_interval must be seconds > 0, or None; got {self.verify_interval!r}"
+            )
         for name in ("sync_interval", "poll_interval", "exit_timeout", "busy_timeout", "retry_max"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
@@ -223,6 +238,14 @@ class _Replica:
     def view(self) -> WatchView:
         return self.watch.view if self.watch is not None else self.seen
 
+    last_upload_time: float | None = None  # wall clock, of the last object stored
+    # Wall clock capture time of the oldest change this replica lacks; None
+    # while it holds everything captured (see Replicator._lag).
+    behind_since: float | None = None
+    verification: Verification | None = None  # the last periodic verification's outcome
+    verified_time: float | None = None  # the last one that proved the replica
+    verify_failures: int = 0
+
     def as_json(self) -> dict[str, Any]:
         return {
             "url": self.url,
@@ -248,6 +271,20 @@ class ReplicaStatus:
     wipes: int = 0
     #: Other writers seen writing to this replica (empty unless misconfigured).
     foreign_writers: tuple[str, ...] = ()
+    # Seconds since the oldest change this replica lacks was captured (0 when
+    # it holds everything captured), and the staged bytes (as stored,
+    # compressed) it still has to upload; None where this process does not
+    # replicate (standby).
+    lag_seconds: float | None = None
+    lag_bytes: int | None = None
+    last_upload_time: float | None = None  # Unix time of the last object stored; None: none yet
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    # Periodic verification (Options.verify_interval): the last outcome, and
+    # the Unix time of the last one that proved the replica restores.
+    verification: Verification | None = None
+    verified_time: float | None = None
+    verify_failures: int = 0  # runs that found the replica would not restore
 
 
 @dataclass(frozen=True)
@@ -266,6 +303,10 @@ class Status:
     # running replicator, what was seen (the new file is replicated as a new
     # generation); None if never.
     replaced: str | None = None
+    # Started by this process since it began replicating.
+    snapshots: int = 0
+    compactions: int = 0
+    generations: int = 0
 
 
 class Replicator:
@@ -322,6 +363,10 @@ class Replicator:
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
         self._writer = ""  # this staging directory's writer id (see _watch.py), once locked
+        self._snapshots = self._compactions = self._generations = 0
+        # txid -> database checksum after it, for the captures of the current
+        # generation (bounded): what verification compares a replica with.
+        self._checksums: dict[int, int] = {}
 
     # -- public, any thread ------------------------------------------------------
 
@@ -431,30 +476,107 @@ class Replicator:
     @property
     def status(self) -> Status:
         with self._cond:
-            reps = tuple(
-                ReplicaStatus(
-                    r.url,
-                    r.generation,
-                    r.txid,
-                    r.last_error,
-                    r.client.stats.as_dict(),
-                    r.view.checked_at,
-                    r.view.wipes,
-                    r.view.foreign_writers,
-                )
-                for r in self._replicas
-            ) or tuple(ReplicaStatus(c.url, None, 0, None, c.stats.as_dict()) for c in self._clients)
+            now = time.time()
+            staged = list(self._staged)
+            reps = tuple(self._replica_status(r, staged, now) for r in self._replicas) or tuple(
+                ReplicaStatus(c.url, None, 0, None, c.stats.as_dict()) for c in self._clients
+            )
             return Status(
                 self.database,
                 self._role,
                 self._generation,
                 self._txid,
                 reps,
-                len(self._staged),
-                sum(o.size for o in self._staged),
+                len(staged),
+                sum(o.size for o in staged),
                 self._error,
                 self._replaced,
+                self._snapshots,
+                self._compactions,
+                self._generations,
             )
+
+    def _replica_status(self, r: _Replica, staged: list[_Obj], now: float) -> ReplicaStatus:
+        lag: tuple[float | None, int | None] = (None, None)
+        if self._role == "replicating":
+            lag = self._lag(r, staged, now)
+        stats = r.client.stats
+        return ReplicaStatus(
+            r.url,
+            r.generation,
+            r.txid,
+            r.last_error,
+            stats.as_dict(),
+            checked_at=r.view.checked_at,
+            wipes=r.view.wipes,
+            foreign_writers=r.view.foreign_writers,
+            lag_seconds=lag[0],
+            lag_bytes=lag[1],
+            last_upload_time=r.last_upload_time,
+            bytes_by_kind=stats.bytes_by_kind(),
+            errors_by_kind=dict(stats.errors_by_kind),
+            verification=r.verification,
+            verified_time=r.verified_time,
+            verify_failures=r.verify_failures,
+        )
+
+    def _lag(self, r: _Replica, staged: list[_Obj], now: float) -> tuple[float, int]:
+        """(seconds, bytes) by which ``r`` trails the capture. Computed when
+        asked, from what the loop keeps anyway: nothing on the commit path."""
+        if r.generation == self._generation and r.txid >= self._txid:
+            return 0.0, 0
+        needed = [o for o in staged if not o.compacted and self._role_of(r, o) in ("upload", "later", "held")]
+        since = r.behind_since
+        if since is None:  # (behind since before this process started)
+            since = min((o.timestamp_ms / 1000 for o in needed), default=now)
+        return max(0.0, now - since), sum(o.size for o in needed)
+
+    def _remember_checksum(self) -> None:
+        assert self._capture is not None
+        checksums = self._checksums
+        checksums[self._capture.txid] = self._capture.checksum
+        while len(checksums) > _CHECKSUMS_KEPT:
+            del checksums[next(iter(checksums))]
+
+    async def _verifier(self, interval: float) -> None:
+        """Every ``interval`` seconds, verify each replica in turn (see
+        ``sqlrepl._verify``): one request at a time, beside the uploads."""
+        while True:
+            await anyio.sleep(interval)
+            for r in self._replicas:
+                gen = r.generation
+                if gen is None or gen != self._generation or r.txid == 0:
+                    continue  # (it is getting a new snapshot: nothing to prove yet)
+                try:
+                    outcome = await verify_replica(r.client, gen, self._checksums.get)
+                except Exception as exc:  # a verification bug must not stop replication
+                    log.exception("verification of replica %s of %s crashed", r.url, self.database)
+                    outcome = Verification(None, time.time(), gen, None, 0, 0, f"{type(exc).__name__}: {exc}")
+                with self._cond:
+                    r.verification = outcome
+                    if outcome.ok:
+                        r.verified_time = outcome.time
+                    elif outcome.ok is False:
+                        r.verify_failures += 1
+                if outcome.ok is False:
+                    log.error(
+                        "VERIFICATION FAILED: replica %s of %s would not restore to the database: %s",
+                        r.url,
+                        self.database,
+                        outcome.message,
+                    )
+                elif outcome.ok is None:
+                    log.info("verification of replica %s of %s: %s", r.url, self.database, outcome.message)
+                else:
+                    log.debug("replica %s of %s verified: %s", r.url, self.database, outcome.message)
+
+    def _mark_behind(self) -> None:
+        """The capture moved on: every replica that held everything is now
+        behind, since now."""
+        now = time.time()
+        for r in self._replicas:
+            if r.behind_since is None:
+                r.behind_since = now
 
     # -- fork ----------------------------------------------------------------
 
@@ -585,6 +707,8 @@ class Replicator:
             for r in self._replicas:
                 tg.start_soon(self._uploader, r)
             tg.start_soon(self._maintenance)
+            if self.options.verify_interval is not None:
+                tg.start_soon(self._verifier, self.options.verify_interval)
             await self._capture_loop()
             # Flush: let uploaders drain until the deadline, then stop them.
             with anyio.move_on_after(max(0.0, self._stop_deadline - time.monotonic())):
@@ -705,6 +829,7 @@ class Replicator:
             assert state is not None
             self._generation = state["generation"]
             self._txid = capture.txid
+            self._remember_checksum()
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
             self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))
@@ -737,6 +862,11 @@ class Replicator:
                 await anyio.sleep(0.05)
         self._generation = generation
         self._txid = capture.txid
+        self._checksums = {}
+        self._remember_checksum()
+        self._generations += 1
+        self._snapshots += 1
+        self._mark_behind()
         self._drop_window()
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
@@ -980,6 +1110,8 @@ class Replicator:
         waits on it)."""
         assert self._capture is not None
         self._txid = self._capture.txid
+        self._remember_checksum()
+        self._mark_behind()
         obj = self._add_staged(staged)
         obj.held = True
         obj.page_bytes = staged.header.page_count * staged.header.page_size
@@ -1125,6 +1257,7 @@ class Replicator:
             self._snapshot_delay = min(self._snapshot_delay * 2, 600.0)
             return
         self._snapshot_wanted = False
+        self._snapshots += 1
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
@@ -1281,6 +1414,17 @@ class Replicator:
                     r.generation, r.txid = obj.generation, obj.first
             elif obj.generation == r.generation and obj.first == r.txid + 1:
                 r.txid = obj.last
+            r.last_upload_time = time.time()
+            if r.generation == self._generation and r.txid >= self._txid:
+                r.behind_since = None
+            elif r.behind_since is not None:
+                # What it lacks now was captured no earlier than the next object it needs.
+                pending = [
+                    o.timestamp_ms / 1000
+                    for o in self._staged
+                    if not o.compacted and self._role_of(r, o) in ("upload", "later", "held")
+                ]
+                r.behind_since = max(r.behind_since, min(pending, default=r.behind_since))
             self._cond.notify_all()
         try:
             await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
@@ -1362,6 +1506,7 @@ class Replicator:
         """Merge the window into one segment, staged for every replica."""
         window, self._window = self._window, []
         if len(window) >= 2:
+            self._compactions += 1
             try:
                 key = await anyio.to_thread.run_sync(self._stage_merged, window, self._staging.compacted)
             except Exception as exc:  # a bad window is not worth stopping for
@@ -1593,6 +1738,12 @@ def get_replicator(
         if options is not None and options != rep.options:
             raise ConfigError(f"{database} is already replicated with other options in this process")
         return rep
+
+
+def all_replicators() -> list[Replicator]:
+    """Every replicator of this process (for metrics: read their ``status``)."""
+    with _registry_lock:
+        return list(_registry.values())
 
 
 def stop_all(*, flush: bool = True, timeout: float | None = None) -> None:

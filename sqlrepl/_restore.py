@@ -48,6 +48,7 @@ from ._errors import (
     SqlreplError,
 )
 from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
+from ._progress import Progress, ProgressCallback
 from ._replica import ObjectInfo, ReplicaClient, open_replica, redact_url
 from ._staging import fsync_dir, staging_dir_for
 from ._wal import lock_page
@@ -381,10 +382,11 @@ class _PartReader:
 
     _END = object()
 
-    def __init__(self, window: _Window) -> None:
+    def __init__(self, window: _Window, progress: Progress | None = None) -> None:
         self._q: queue.SimpleQueue[tuple[object, int]] = queue.SimpleQueue()
         self._buf = memoryview(b"")
         self._window = window
+        self._progress = progress
         self._done = False
 
     def put(self, item: bytes | BaseException, weight: int) -> None:
@@ -403,8 +405,9 @@ class _PartReader:
                 if self._done:
                     break
                 item, weight = self._q.get()
-                if weight:
-                    anyio.from_thread.run_sync(self._window.give, weight)
+                nbytes = len(item) if isinstance(item, bytes) and self._progress is not None else 0
+                if weight or nbytes:
+                    anyio.from_thread.run_sync(self._taken, weight, nbytes)
                 if item is self._END:
                     self._done = True
                     break
@@ -420,6 +423,13 @@ class _PartReader:
         if len(out) == 1:
             return out[0]
         return b"".join(out)
+
+    def _taken(self, weight: int, nbytes: int) -> None:
+        """(On the event loop.) A part was taken by the applier."""
+        if weight:
+            self._window.give(weight)
+        if nbytes and self._progress is not None:
+            self._progress.advance(nbytes)
 
 
 def _move_aside(path: str) -> str | None:
@@ -458,8 +468,11 @@ async def restore_async(
     txid: int | None = None,
     generation: str | None = None,
     parallelism: int = DEFAULT_PARALLELISM,
+    progress: ProgressCallback | None = None,
 ) -> RestoreResult | None:
-    """The async form of :func:`restore` (same arguments and result)."""
+    """The async form of :func:`restore` (same arguments and result;
+    ``progress`` is called in the event loop's thread)."""
+    tracker = Progress(progress)
     path = os.path.abspath(os.fspath(database))  # noqa: ASYNC240 - string work and getcwd() only
     replicas = [replica] if isinstance(replica, str | ReplicaClient) else list(replica)
     if not replicas:
@@ -485,6 +498,7 @@ async def restore_async(
                     txid=txid,
                     generation=generation,
                     parallelism=parallelism,
+                    progress=tracker,
                 )
             except (ReplicaError, CorruptObjectError, NoBackupError) as exc:
                 if len(replicas) == 1:
@@ -516,6 +530,7 @@ async def _restore_from(
     txid: int | None,
     generation: str | None,
     parallelism: int,
+    progress: Progress | None = None,
 ) -> RestoreResult | None:
     client = open_replica(replica) if isinstance(replica, str) else replica
     started = time.monotonic()
@@ -531,7 +546,7 @@ async def _restore_from(
         os.makedirs(folder, exist_ok=True)
         work = tempfile.mkdtemp(prefix=".sqlrepl-restore-", dir=folder)
         try:
-            result = await _restore_plan(client, plan, path, work, parallelism)
+            result = await _restore_plan(client, plan, path, work, parallelism, progress)
         except BaseExceptionGroup as group:
             raise _first_error(group) from group
         finally:
@@ -554,7 +569,12 @@ async def _restore_from(
 
 
 async def _restore_plan(
-    client: ReplicaClient, plan: RestorePlan, path: str, work: str, parallelism: int
+    client: ReplicaClient,
+    plan: RestorePlan,
+    path: str,
+    work: str,
+    parallelism: int,
+    progress: Progress | None = None,
 ) -> RestoreResult:
     """Download and apply ``plan`` into a file in ``work``, then put it at
     ``path``. Objects are applied in order while the ones after them download:
@@ -563,6 +583,8 @@ async def _restore_plan(
     held at once (in flight or waiting) is bounded by :class:`_Window`."""
     keys = plan.keys
     parallelism = max(1, parallelism)
+    progress = progress or Progress(None)
+    progress.phase(sum(size for _key, size in keys))
     # One download queue over every object, so the next objects arrive while
     # this one is applied: (object, start, length), length -1 for a whole GET.
     pieces: list[tuple[int, int, int]] = []
@@ -575,7 +597,7 @@ async def _restore_plan(
     window = _Window((parallelism + 2) * PART_SIZE)
     got: dict[int, bytes | BaseException] = {}
     arrived = [anyio.Event() for _ in pieces]
-    readers = {i: _PartReader(window) for i, (_key, size) in enumerate(keys) if size > PART_SIZE}
+    readers = {i: _PartReader(window, progress) for i, (_key, size) in enumerate(keys) if size > PART_SIZE}
     whole = {i: n for n, (i, _start, length) in enumerate(pieces) if length < 0}
     total = 0
     tmp_db = os.path.join(work, "restored.db")
@@ -630,6 +652,7 @@ async def _restore_plan(
                         raise data
                     total += len(data)
                     await anyio.to_thread.run_sync(applier.apply, io.BytesIO(data), key, len(data))
+                    progress.advance(len(data))
                 else:
                     await anyio.to_thread.run_sync(applier.apply, readers[i], key, size)
                     total += size
@@ -650,6 +673,7 @@ async def _restore_plan(
             log.warning("moved stale %s aside to %s", path + suffix, aside)
     os.replace(tmp_db, path)
     fsync_dir(os.path.dirname(path))
+    progress.finish()
     return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
 
 
@@ -727,6 +751,7 @@ def restore(
     txid: int | None = None,
     generation: str | None = None,
     parallelism: int = DEFAULT_PARALLELISM,
+    progress: ProgressCallback | None = None,
 ) -> RestoreResult | None:
     """Rebuild ``database`` from ``replica`` (a URL, or a list tried in
     order until one restores); call at startup, before any connection to
@@ -741,6 +766,11 @@ def restore(
     - ``txid`` / ``timestamp`` (a ``datetime``, Unix seconds, or ISO 8601
       string): restore the newest state at or before it; ``generation``: from
       that generation. Without them: the newest state.
+    - ``progress``: called as ``progress(done_bytes, total_bytes)`` (bytes
+      of replica objects applied, out of those the restore reads) as the
+      restore proceeds; ``done`` never goes backward, and the last call,
+      once the database is in place, has ``done == total``. Falling back to
+      another replica adds that replica's bytes to the total.
 
     Returns a :class:`RestoreResult`, or ``None`` when nothing was done.
     Stale ``-wal``/``-shm`` files next to the target are moved aside, not
@@ -758,6 +788,7 @@ def restore(
             txid=txid,
             generation=generation,
             parallelism=parallelism,
+            progress=progress,
         ),
         backend="asyncio",
     )
