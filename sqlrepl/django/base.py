@@ -25,10 +25,20 @@ Errors in these settings raise ``ImproperlyConfigured`` when the backend is
 created, and at ``django.setup()`` when ``"sqlrepl.django"`` is in
 ``INSTALLED_APPS``, never at the first query.
 
-Not replicated: an in-memory database (an explicit in-memory ``NAME`` with a
-replica is an error), and any database the connection is pointed at after
-it was created -- the test runner's test databases -- so that tests never
-write to the production replica. Writes made on the raw ``sqlite3``
+What replicates is decided once per process, from ``settings.DATABASES`` as
+the app wrote it (copied when the first ``sqlrepl.django`` connection object
+is built, or at ``django.setup()`` with the app installed): a connection
+replicates when it opens the file its alias names there, to that alias's
+replicas. The test runner rewrites ``NAME`` in place (and every connection
+object built afterwards -- in a new thread, a live server, an async context,
+``connection.copy()`` -- sees the rewritten dictionary), so its test
+databases are never replicated, in memory or in a file. A test that wants
+its test database replicated says so: ``"TEST": {"NAME": "a file",
+"REPLICA": "file:///..."}`` replicates that test database (not its clones
+made by ``--parallel``) to that replica, never to the production one.
+
+Not replicated either: an in-memory database (an explicit in-memory
+``NAME`` with a replica is an error). Writes made on the raw ``sqlite3``
 connection (``connection.connection``) are replicated but not waited for.
 """
 
@@ -40,6 +50,7 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -108,6 +119,9 @@ class ReplicationSettings:
     restore: bool
     options: sqlrepl.Options | None
     backend: str | None
+    # TEST["NAME"]'s path and TEST["REPLICA"]: a test database replicated on request.
+    test_database: str | None = None
+    test_replicas: tuple[str, ...] = ()
 
 
 def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> ReplicationSettings:
@@ -158,6 +172,7 @@ def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIA
         _connection_class(factory, where)
     if backend is not None:
         _backend_class(backend)
+    test_database, test_replicas = _test_replication(settings_dict, alias, database)
     return ReplicationSettings(
         alias=alias,
         name=name_str,
@@ -168,7 +183,32 @@ def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIA
         restore=restore,
         options=_options(options.get("options"), where),
         backend=backend,
+        test_database=test_database,
+        test_replicas=test_replicas,
     )
+
+
+def _test_replication(
+    settings_dict: Mapping[str, Any], alias: str, database: str | None
+) -> tuple[str | None, tuple[str, ...]]:
+    """``TEST["NAME"]``'s path and ``TEST["REPLICA"]``, checked."""
+    where = f"settings.DATABASES[{alias!r}]['TEST']"
+    test = settings_dict.get("TEST") or {}
+    if not isinstance(test, Mapping) or not test.get("REPLICA"):
+        return None, ()
+    replicas = _replicas(test["REPLICA"], where)
+    name = test.get("NAME")
+    path = _database_path(os.fspath(name)) if name else None
+    if path is None:
+        raise ImproperlyConfigured(
+            f"{where} has a REPLICA but its NAME is {name or 'unset'!r}: only a test database in a file"
+            " can be replicated. Set TEST['NAME'] to a file path."
+        )
+    if path == database:
+        raise ImproperlyConfigured(
+            f"{where}['NAME'] is the database itself ({path}); give the test database a file of its own"
+        )
+    return path, replicas
 
 
 def _check_keys(options: Mapping[str, Any], where: str, *, custom_backend: bool) -> None:
@@ -285,10 +325,70 @@ def _backend_class(backend: str) -> type[DatabaseWrapper]:
 def check_databases() -> None:
     """Check every ``DATABASES`` entry that uses this backend; raise
     ``ImproperlyConfigured`` on the first error. Called by the app's
-    ``ready()`` so that errors stop ``django.setup()``."""
-    for alias, settings_dict in settings.DATABASES.items():
+    ``ready()`` so that errors stop ``django.setup()`` (and so that the
+    settings are copied as the app wrote them, see :func:`configured`)."""
+    for alias, settings_dict in _as_written().items():
         if settings_dict.get("ENGINE") == ENGINE:
-            read_settings(settings_dict, alias)
+            configured(alias)
+
+
+# -- the databases as the app configured them -------------------------------------------
+
+_written: dict[str, dict[str, Any]] | None = None
+_configured: dict[str, ReplicationSettings] = {}
+_written_mutex = threading.Lock()
+
+
+def _as_written() -> dict[str, dict[str, Any]]:
+    """``settings.DATABASES`` as it was when first asked for, copied.
+
+    Django's test runner rewrites ``settings.DATABASES[alias]["NAME"]`` (the
+    very dictionary every connection object is built from) to the test
+    database's name; it builds each connection object before, so the first
+    call, made when the first one is built, sees the app's own names.
+    """
+    global _written
+    with _written_mutex:
+        if _written is None:
+            databases = settings.DATABASES if settings.configured else {}
+            _written = {
+                alias: {
+                    **entry,
+                    "OPTIONS": dict(entry.get("OPTIONS") or {}),
+                    "TEST": dict(entry.get("TEST") or {}),
+                }
+                for alias, entry in databases.items()
+                if isinstance(entry, Mapping)
+            }
+        return _written
+
+
+def configured(alias: str) -> ReplicationSettings | None:
+    """The replication settings of ``alias`` as the app wrote them, or
+    ``None`` if the alias does not use this backend."""
+    written = _as_written().get(alias)
+    if written is None or written.get("ENGINE") != ENGINE:
+        return None
+    return _written_settings(alias, written)
+
+
+def _written_settings(alias: str, written: Mapping[str, Any]) -> ReplicationSettings:
+    config = _configured.get(alias)
+    if config is None:
+        config = _configured[alias] = read_settings(written, alias)
+    return config
+
+
+def _settings_for(settings_dict: Mapping[str, Any], alias: str) -> ReplicationSettings:
+    """The settings a connection object of ``alias`` replicates with: the
+    app's as it wrote them (see :func:`_as_written`), whatever
+    ``settings_dict`` says now; for a connection object the app builds from a
+    dictionary of its own (an alias not in ``DATABASES``, or another
+    ``ENGINE``), that dictionary's."""
+    written = _as_written().get(alias)
+    if written is None or written.get("ENGINE") != settings_dict.get("ENGINE"):
+        return read_settings(settings_dict, alias)
+    return _written_settings(alias, written)
 
 
 # -- restore at startup --------------------------------------------------------------
@@ -348,8 +448,9 @@ class _Connector:
         "uri",
     )
 
-    def __init__(self, config: ReplicationSettings, factory: Any) -> None:
+    def __init__(self, config: ReplicationSettings, replicas: tuple[str, ...], factory: Any) -> None:
         self._config = config
+        self._replicas = replicas
         self._factory = _connection_class(factory)
 
     def __call__(self, *args: Any, **kwargs: Any) -> sqlrepl.Connection:
@@ -361,7 +462,7 @@ class _Connector:
         # after Django has recorded the commit (see DatabaseWrapper.commit).
         return sqlrepl.connect(
             database,
-            config.replicas,
+            self._replicas,
             durability="async",
             options=config.options,
             factory=self._factory,
@@ -386,14 +487,22 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         return object.__new__(target)
 
     def __init__(self, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
-        self.sqlrepl = read_settings(settings_dict, alias)
+        self.sqlrepl = _settings_for(settings_dict, alias)
         super().__init__(settings_dict, alias)
         self._sqlrepl_active = False
         self._sqlrepl_dirty = False  # a write in the open transaction
         self._sqlrepl_pending = False  # a write that commits when its cursor closes
-        self._sqlrepl_waits = bool(self.sqlrepl.replicas) and self.sqlrepl.durability == "replicated"
+        self._sqlrepl_database = ""  # the file the open connection replicates
+        config = self.sqlrepl
+        self._sqlrepl_waits = (
+            bool(config.replicas or config.test_replicas) and config.durability == "replicated"
+        )
         if self._sqlrepl_waits:
             self.execute_wrappers.append(self._sqlrepl_watch)
+        if config.test_replicas:
+            # (On the instance: the creation class may be a wrapped backend's.)
+            destroy = self.creation._destroy_test_db
+            self.creation._destroy_test_db = functools.partial(_destroy_test_db, destroy, config)
         _live.add(self)
 
     def get_connection_params(self) -> dict[str, Any]:
@@ -402,20 +511,32 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
             params.pop(key, None)
         return params
 
-    def _sqlrepl_replicates(self) -> bool:
-        """Whether the next connection is to the configured database (and
-        not to a test database the test runner switched NAME to)."""
+    def _sqlrepl_target(self) -> tuple[str, tuple[str, ...]] | None:
+        """The file the next connection opens and its replicas, if it
+        replicates: the configured database, or the test database of an
+        explicit ``TEST["REPLICA"]``; never another database (a test
+        database the test runner switched ``NAME`` to)."""
         config = self.sqlrepl
         name = self.settings_dict.get("NAME")
-        return bool(config.replicas) and name is not None and os.fspath(name) == config.name
+        path = _database_path(os.fspath(name)) if name else None
+        if path is None:
+            return None
+        if config.replicas and path == config.database:
+            return path, config.replicas
+        if config.test_replicas and path == config.test_database:
+            return path, config.test_replicas
+        return None
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         self._sqlrepl_active = self._sqlrepl_dirty = self._sqlrepl_pending = False
-        if not self._sqlrepl_replicates():
+        target = self._sqlrepl_target()
+        if target is None:
             return super().get_new_connection(conn_params)
-        if self.sqlrepl.restore:
+        path, replicas = target
+        if self.sqlrepl.restore and path == self.sqlrepl.database:
             restore_once(self.sqlrepl)
-        params = {**conn_params, "factory": _Connector(self.sqlrepl, conn_params.get("factory"))}
+        factory = _Connector(self.sqlrepl, replicas, conn_params.get("factory"))
+        params = {**conn_params, "factory": factory}
         conn = super().get_new_connection(params)
         if not isinstance(conn, sqlrepl.Connection):
             conn.close()
@@ -424,6 +545,7 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
                 " sqlite3.connect(**conn_params), so sqlrepl cannot replicate it"
             )
         self._sqlrepl_active = True
+        self._sqlrepl_database = path
         return conn
 
     # -- durability="replicated" ---------------------------------------------------
@@ -468,7 +590,7 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     def _sqlrepl_wait(self) -> None:
         self._sqlrepl_dirty = self._sqlrepl_pending = False
-        database = self.sqlrepl.database or ""
+        database = self._sqlrepl_database
         timeout = self.sqlrepl.replicated_timeout
         wait_until_started(database, time.monotonic() + timeout)
         sqlrepl.sync(database, timeout=timeout)
@@ -506,6 +628,22 @@ class _Cursor(_WaitOnClose, CursorWrapper):  # type: ignore[misc]  # Django ship
 
 class _DebugCursor(_WaitOnClose, CursorDebugWrapper):  # type: ignore[misc]  # Django ships no type information
     pass
+
+
+def _destroy_test_db(
+    destroy: Callable[[str, int], None], config: ReplicationSettings, name: str, verbosity: int
+) -> None:
+    """Before the test runner deletes a replicated test database: upload what
+    is pending and stop replicating it (its replicator would otherwise see
+    the file vanish and start a new generation of nothing)."""
+    path = _database_path(os.fspath(name)) if name else None
+    if path is not None and path == config.test_database:
+        rep = sqlrepl.get_replicator(path)
+        if rep is not None:
+            rep.stop(flush=True, timeout=config.replicated_timeout)
+    destroy(name, verbosity)
+    if path is not None and path == config.test_database:
+        shutil.rmtree(path + "-sqlrepl", ignore_errors=True)
 
 
 def wait_until_started(database: str, deadline: float) -> None:
