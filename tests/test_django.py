@@ -790,3 +790,24 @@ def test_test_replica_needs_a_file_test_database(tmp_path: Path) -> None:
     proc = run_django(db, "", check=False)
     assert proc.returncode != 0
     assert "only a test database in a file can be replicated" in proc.stderr
+
+
+def test_shallow_copy_of_a_connection(tmp_path: Path) -> None:
+    """copy.copy(connection) (as Django's own creation tests do) gives a
+    working connection object of the same class and settings."""
+    db = database(tmp_path)
+    code = """
+    import copy
+    from django.db import connections
+    original = connections["default"]
+    call_command("migrate", verbosity=0)
+    twin = copy.copy(original)
+    twin.connection = None
+    twin.settings_dict = copy.deepcopy(original.settings_dict)
+    with twin.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM items_item")
+        count = cursor.fetchone()[0]
+    twin.close()
+    out({"same": type(twin) is type(original) and twin.sqlrepl == original.sqlrepl, "count": count})
+    """
+    assert last_json(run_django(db, code)) == {"same": True, "count": 0}

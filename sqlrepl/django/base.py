@@ -477,9 +477,12 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     sqlrepl: ReplicationSettings
 
-    def __new__(cls, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> DatabaseWrapper:
+    def __new__(
+        cls, settings_dict: Mapping[str, Any] | None = None, alias: str = DEFAULT_DB_ALIAS
+    ) -> DatabaseWrapper:
+        # copy.copy() calls __new__ with the class alone, then copies __dict__.
         target = cls
-        if cls is DatabaseWrapper:
+        if cls is DatabaseWrapper and settings_dict is not None:
             backend = (settings_dict.get("OPTIONS") or {}).get("backend")
             if isinstance(backend, str) and backend:
                 target = _backend_class(backend)
