@@ -278,6 +278,36 @@ def test_replicated_durability_waits_for_the_replica(tmp_path: Path) -> None:
     assert seen["raw"] == [["updated", "atomic 2"], True]
 
 
+def test_replicated_durability_survives_cleared_execute_wrappers(tmp_path: Path) -> None:
+    """Code that empties or replaces connection.execute_wrappers does not turn
+    the durability wait off."""
+    db = database(tmp_path, durability="replicated", options={**FAST, "sync_interval": 60})
+    code = """
+    from django.db import connection
+    call_command("migrate", verbosity=0)
+    def replica_names():
+        dest = f"{DB}.check-{os.urandom(4).hex()}"
+        sqlrepl.restore(dest, connection.settings_dict["OPTIONS"]["replica"])
+        import sqlite3
+        conn = sqlite3.connect(dest)
+        try:
+            return [r[0] for r in conn.execute("SELECT name FROM items_item ORDER BY id")]
+        finally:
+            conn.close()
+    seen = {}
+    connection.execute_wrappers.clear()
+    Item.objects.create(name="cleared")
+    seen["cleared"] = replica_names()
+    connection.execute_wrappers = []
+    with transaction.atomic():
+        Item.objects.create(name="replaced")
+    seen["replaced"] = replica_names()
+    out(seen)
+    """
+    seen = last_json(run_django(db, code))
+    assert seen == {"cleared": ["cleared"], "replaced": ["cleared", "replaced"]}
+
+
 @pytest.mark.slow
 def test_replica_timeout_raises_after_local_commit(tmp_path: Path) -> None:
     """When the replica cannot be written, a replicated write raises

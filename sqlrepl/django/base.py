@@ -500,8 +500,6 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         self._sqlrepl_waits = (
             bool(config.replicas or config.test_replicas) and config.durability == "replicated"
         )
-        if self._sqlrepl_waits:
-            self.execute_wrappers.append(self._sqlrepl_watch)
         if config.test_replicas:
             # (On the instance: the creation class may be a wrapped backend's.)
             destroy = self.creation._destroy_test_db
@@ -553,22 +551,22 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     # -- durability="replicated" ---------------------------------------------------
 
-    def _sqlrepl_watch(
-        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
-    ) -> Any:
-        """Execute wrapper: notes writes in a transaction, and waits for the
-        replicas after a write that committed by itself (autocommit mode)."""
+    def _sqlrepl_watch(self, run: Callable[[], Any], sql: Any, cursor: Any) -> Any:
+        """Run one statement (``run``, from the cursor classes below, so that
+        no ``execute_wrappers`` list decides it): note a write in a
+        transaction, and wait for the replicas after a write that committed
+        by itself (autocommit mode)."""
         conn = self.connection
         if not self._sqlrepl_active or conn is None:
-            return execute(sql, params, many, context)
+            return run()
         if self._sqlrepl_pending:
             self._sqlrepl_wait()  # an earlier cursor with rows was left open
         before = conn.total_changes
-        result = execute(sql, params, many, context)
+        result = run()
         if conn.total_changes != before or _may_write(sql):
             if conn.in_transaction:
                 self._sqlrepl_dirty = True
-            elif getattr(context.get("cursor"), "description", None) is not None:
+            elif getattr(cursor, "description", None) is not None:
                 # It returns rows (INSERT ... RETURNING): in autocommit mode its
                 # transaction commits only when the statement ends, when the
                 # rows are read or the cursor closed. Wait at the close.
@@ -612,11 +610,21 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
 
 class _WaitOnClose:
-    """Closing the cursor ends its statement: then wait for the replicas if
-    that statement committed a write (see ``DatabaseWrapper._sqlrepl_watch``)."""
+    """The cursor of a connection with ``durability="replicated"``: each
+    statement goes through ``DatabaseWrapper._sqlrepl_watch`` (innermost,
+    after every execute wrapper), and closing the cursor, which ends its
+    statement, waits for the replicas if that statement committed a write."""
 
     cursor: Any
     db: DatabaseWrapper
+
+    def _execute(self, sql: Any, params: Any, *wrapper_args: Any) -> Any:
+        run = functools.partial(super()._execute, sql, params, *wrapper_args)  # type: ignore[misc]
+        return self.db._sqlrepl_watch(run, sql, self.cursor)
+
+    def _executemany(self, sql: Any, param_list: Any, *wrapper_args: Any) -> Any:
+        run = functools.partial(super()._executemany, sql, param_list, *wrapper_args)  # type: ignore[misc]
+        return self.db._sqlrepl_watch(run, sql, self.cursor)
 
     def close(self) -> None:
         try:
