@@ -706,16 +706,19 @@ class NewConnections(TransactionTestCase):
         self.assertTrue(Item.objects.filter(name="from a thread").exists())
 
     def test_copy(self):
-        """connection.copy() builds a new DatabaseWrapper from the rewritten settings."""
-        other = connection.copy()
-        try:
-            with other.cursor() as cursor:
-                cursor.execute(
-                    "INSERT INTO items_item (name, done, created_at) VALUES ('from a copy', 0, '2026-01-01')"
-                )
-        finally:
-            other.close()
-        self.assertTrue(Item.objects.filter(name="from a copy").exists())
+        """connection.copy() builds a new DatabaseWrapper from the rewritten
+        settings, under the same alias or a new one."""
+        for alias in (None, "dynamic_alias"):
+            other = connection.copy(alias)
+            try:
+                with other.cursor() as cursor:
+                    cursor.execute(
+                        "INSERT INTO items_item (name, done, created_at) VALUES (%s, 0, '2026-01-01')",
+                        [f"from a copy as {alias}"],
+                    )
+            finally:
+                other.close()
+            self.assertTrue(Item.objects.filter(name=f"from a copy as {alias}").exists())
 
     def test_async(self):
         """An async context runs the query in another thread, with its own wrapper."""
@@ -744,7 +747,7 @@ def tree(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def run_test_suite(tmp_path: Path, db: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def run_test_suite(tmp_path: Path, db: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
     """Run LEAK_TESTS with Django's test runner; return the finished run."""
     tests_dir = tmp_path / "suite"
     (tests_dir / "leakcheck").mkdir(parents=True)
@@ -753,7 +756,7 @@ def run_test_suite(tmp_path: Path, db: dict[str, Any]) -> subprocess.CompletedPr
     env = django_env(db)
     env["PYTHONPATH"] += os.pathsep + str(tests_dir)
     return subprocess.run(
-        [sys.executable, "-m", "django", "test", "leakcheck.tests", "-v", "2"],
+        [sys.executable, "-m", "django", "test", "leakcheck.tests", "-v", "2", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -788,9 +791,9 @@ def test_test_databases_never_reach_the_production_replica(tmp_path: Path, test_
 
 
 def test_test_database_replicates_only_when_asked(tmp_path: Path) -> None:
-    """With TEST["REPLICA"], the file test database is replicated there (and
-    its replicator stopped before the runner deletes it); the production
-    replica still receives nothing."""
+    """With TEST["REPLICA"], the file test database is replicated there (its
+    --parallel clones hold all of it, and its replicator is stopped before
+    the runner deletes it); the production replica still receives nothing."""
     db = database(tmp_path, durability="replicated")
     test_replica = tmp_path / "test-replica"
     db["TEST"] = {"NAME": str(tmp_path / "test.db"), "REPLICA": file_url(test_replica)}
@@ -799,7 +802,7 @@ def test_test_database_replicates_only_when_asked(tmp_path: Path) -> None:
         db, 'call_command("migrate", verbosity=0)\nItem.objects.create(name="prod")\nsqlrepl.sync(DB)\n'
     )
     before = tree(replica)
-    proc = run_test_suite(tmp_path, db)
+    proc = run_test_suite(tmp_path, db, "--parallel", "2")
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "Ran 4 tests" in proc.stderr
     assert tree(replica) == before

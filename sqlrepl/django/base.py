@@ -44,6 +44,8 @@ connection (``connection.connection``) are replicated but not waited for.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import importlib
@@ -423,6 +425,10 @@ def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
 # -- the backend -----------------------------------------------------------------------
 
 _live: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+# The settings of the connection object being copied (see DatabaseWrapper.copy).
+_copying: contextvars.ContextVar[ReplicationSettings | None] = contextvars.ContextVar(
+    "sqlrepl_copying", default=None
+)
 _inherited: list[Any] = []
 
 
@@ -490,7 +496,9 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         return object.__new__(target)
 
     def __init__(self, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
-        self.sqlrepl = _settings_for(settings_dict, alias)
+        copied_from = _copying.get()
+        _copying.set(None)
+        self.sqlrepl = copied_from or _settings_for(settings_dict, alias)
         super().__init__(settings_dict, alias)
         self._sqlrepl_active = False
         self._sqlrepl_dirty = False  # a write in the open transaction
@@ -502,9 +510,19 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         )
         if config.test_replicas:
             # (On the instance: the creation class may be a wrapped backend's.)
-            destroy = self.creation._destroy_test_db
-            self.creation._destroy_test_db = functools.partial(_destroy_test_db, destroy, config)
+            creation = self.creation
+            creation._destroy_test_db = functools.partial(_destroy_test_db, creation._destroy_test_db, config)
+            creation._clone_test_db = functools.partial(_clone_test_db, creation, config)
         _live.add(self)
+
+    def copy(self, alias: str | None = None) -> Any:
+        # The copy replicates as this object does, even under an alias the
+        # app did not configure (its settings are the test runner's).
+        token = _copying.set(self.sqlrepl)
+        try:
+            return super().copy(alias)
+        finally:
+            _copying.reset(token)
 
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()
@@ -655,6 +673,34 @@ def _destroy_test_db(
     destroy(name, verbosity)
     if path is not None and path == config.test_database:
         shutil.rmtree(path + "-sqlrepl", ignore_errors=True)
+
+
+def _clone_test_db(
+    creation: Any, config: ReplicationSettings, suffix: Any, verbosity: int, keepdb: bool = False
+) -> None:
+    """``--parallel``'s clone of a replicated test database: through SQLite's
+    backup, since the database is in WAL mode and its newest pages are in
+    the ``-wal`` file, which the stock clone (a copy of the main file) misses.
+    The clones are not replicated."""
+    clone = type(creation)._clone_test_db
+    source = creation.connection.settings_dict["NAME"]
+    path = _database_path(os.fspath(source)) if source else None
+    if path is None or path != config.test_database:
+        clone(creation, suffix, verbosity, keepdb)
+        return
+    target = creation.get_test_db_clone_settings(suffix)["NAME"]
+    if keepdb:
+        return
+    for suffix_ in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{target}{suffix_}")
+    src = sqlite3.connect(path)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
 
 
 def wait_until_started(database: str, deadline: float) -> None:
