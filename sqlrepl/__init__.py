@@ -32,6 +32,7 @@ from ._errors import (
     SyncTimeoutError,
     WalModeError,
 )
+from ._progress import Progress, ReplicaProgress, read_progress
 from ._replica import ObjectInfo, ReplicaClient, RequestStats, open_replica
 from ._replicator import Options, Replicator, Status, get_replicator, stop_all
 from ._restore import RestoreResult, restore, restore_async
@@ -50,6 +51,9 @@ __all__ = [
     "Replicator",
     "Status",
     "get_replicator",
+    "read_progress",
+    "Progress",
+    "ReplicaProgress",
     # restore
     "restore",
     "restore_async",

@@ -8,11 +8,8 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import signal
-import sqlite3
 import sys
-import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +18,8 @@ import anyio
 
 from ._connection import connect
 from ._errors import SqlreplError
+from ._integration import verify
+from ._progress import format_progress, read_progress
 from ._replica import open_replica
 from ._replicator import Options, get_replicator, stop_all
 from ._restore import Generation, list_generations, restore
@@ -77,6 +76,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     )
     if result is None:
         why = "the database exists" if os.path.exists(output) else "the replica is empty"
+        if os.path.isdir(output):
+            why = f"{output} is a directory; give the path of the database file"
         print(f"nothing restored: {why}")
         return 0
     print(
@@ -84,6 +85,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f" ({_ts(result.timestamp_ms)}), {result.objects} objects, {result.bytes} bytes"
         f" in {result.seconds:.2f}s"
     )
+    if args.txid is not None and result.txid < args.txid:
+        print(f"note: txid {result.txid} is the newest state at or before --txid {args.txid} in the replica")
     return 0
 
 
@@ -164,48 +167,19 @@ def cmd_segments(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify(database: str, replica: str) -> tuple[bool, str]:
-    """Restore ``replica`` into a temporary file and compare it with the live
-    ``database``. Returns (same?, a one-line explanation)."""
-    work = tempfile.mkdtemp(prefix="sqlrepl-verify-")
-    try:
-        target = os.path.join(work, "restored.db")
-        result = restore(target, replica)
-        if result is None:
-            return False, f"replica {replica} is empty"
-        restored = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
-        live = sqlite3.connect(f"file:{os.path.abspath(database)}?mode=ro", uri=True)
-        try:
-            check = restored.execute("PRAGMA integrity_check").fetchall()
-            if check != [("ok",)]:
-                return False, f"restored database fails integrity_check: {check[:3]}"
-            # One read transaction on the live side: a consistent view.
-            live.execute("BEGIN")
-            ours, theirs = list(restored.iterdump()), list(live.iterdump())
-            live.execute("ROLLBACK")
-        finally:
-            restored.close()
-            live.close()
-        where = f"generation {result.generation}, txid {result.txid}, {_ts(result.timestamp_ms)}"
-        if ours == theirs:
-            return True, f"OK: the replica ({where}) matches {database}"
-        diff = next(
-            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
-            min(len(ours), len(theirs)),
-        )
-        return False, (
-            f"DIFFERENT: the replica ({where}) and {database} differ from statement {diff} of the dump"
-            f" ({len(ours)} vs {len(theirs)} statements). A database being written runs ahead of its"
-            " replica by up to the sync interval: verify when it is quiet, or after sqlrepl.sync()."
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
-    same, message = verify(args.database, args.replica)
-    print(message)
-    return 0 if same else 1
+    found = verify(args.database, args.replica)
+    print(found.message)
+    return 0 if found.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    progress = read_progress(args.database)
+    if args.json:
+        print(json.dumps(progress.as_json(), indent=1))
+    else:
+        print(format_progress(progress))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -243,9 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", help="restore from this generation (default: the newest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing database")
     p.add_argument(
-        "--if-db-not-exists-error",
+        "--if-db-exists-error",
+        dest="if_db_not_exists_error",
         action="store_true",
-        help="fail (instead of doing nothing) when the database exists",
+        help="fail (instead of doing nothing) when the database already exists",
+    )
+    # The old spelling, which read backwards: still accepted, not shown.
+    p.add_argument(
+        "--if-db-not-exists-error", dest="if_db_not_exists_error", action="store_true", help=argparse.SUPPRESS
     )
     p.add_argument(
         "--require-replica",
@@ -289,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("database")
     p.add_argument("replica")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "status",
+        help="what the replicating process of a database has done",
+        description="Show what the process replicating DATABASE (whichever it is: this command reads"
+        " what it publishes in DATABASE-sqlrepl/) has done: generation, txid, each replica's position"
+        " and lag, the last error, what is staged. Opens no connection and changes nothing.",
+    )
+    p.add_argument("database")
+    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "demo",

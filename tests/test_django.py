@@ -844,3 +844,17 @@ def test_shallow_copy_of_a_connection(tmp_path: Path) -> None:
     out({"same": type(twin) is type(original) and twin.sqlrepl == original.sqlrepl, "count": count})
     """
     assert last_json(run_django(db, code)) == {"same": True, "count": 0}
+
+
+def test_management_restore_prints_its_result_once(tmp_path: Path) -> None:
+    """`manage.py sqlrepl restore` prints what it restored once, even with
+    sqlrepl's INFO log on the console (as the example project has it)."""
+    db = database(tmp_path)
+    run_django(db, 'call_command("migrate", verbosity=0)\nItem.objects.create(name="a")\nsqlrepl.sync(DB)\n')
+    done = manage(db, "sqlrepl", "restore", "-o", str(tmp_path / "copy.db"))
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert [line for line in lines if "restored" in line] == [
+        line for line in done.stdout.splitlines() if line.startswith(f"restored {tmp_path / 'copy.db'}:")
+    ]
+    assert len([line for line in lines if "restored" in line]) == 1

@@ -58,7 +58,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from django.conf import settings
@@ -69,7 +69,9 @@ from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 import sqlrepl
 
+from .. import _integration
 from .._connection import _database_path
+from .._integration import options_from, replica_list
 
 __all__ = [
     "DatabaseWrapper",
@@ -198,7 +200,10 @@ def _test_replication(
     test = settings_dict.get("TEST") or {}
     if not isinstance(test, Mapping) or not test.get("REPLICA"):
         return None, ()
-    replicas = _replicas(test["REPLICA"], where)
+    try:
+        replicas = replica_list(test["REPLICA"], f"{where}['REPLICA']")
+    except sqlrepl.ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
     name = test.get("NAME")
     path = _database_path(os.fspath(name)) if name else None
     if path is None:
@@ -228,35 +233,17 @@ def _check_keys(options: Mapping[str, Any], where: str, *, custom_backend: bool)
 
 
 def _replicas(value: Any, where: str) -> tuple[str, ...]:
-    if value is None or value == "" or value == []:
-        return ()
-    urls = (value,) if isinstance(value, str) else value
-    if not isinstance(urls, list | tuple) or not all(isinstance(u, str) and u for u in urls):
-        raise ImproperlyConfigured(f"{where}['replica'] must be a URL or a list of URLs, got {value!r}")
-    for url in urls:
-        try:
-            sqlrepl.open_replica(url)  # parses the URL; no I/O
-        except sqlrepl.ConfigError as exc:
-            raise ImproperlyConfigured(f"{where}['replica']: {exc}") from exc
-    return tuple(urls)
+    try:
+        return replica_list(value, f"{where}['replica']")
+    except sqlrepl.ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
 
 
 def _options(value: Any, where: str) -> sqlrepl.Options | None:
-    if value is None or isinstance(value, sqlrepl.Options):
-        return value
-    if not isinstance(value, Mapping):
-        raise ImproperlyConfigured(f"{where}['options'] must be a dict of sqlrepl.Options fields")
-    known = [f.name for f in fields(sqlrepl.Options)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ImproperlyConfigured(
-            f"{where}['options'] has unknown field(s) {', '.join(map(repr, unknown))};"
-            f" sqlrepl.Options has {', '.join(known)}"
-        )
     try:
-        return sqlrepl.Options(**value)
+        return options_from(value, f"{where}['options']")
     except sqlrepl.ConfigError as exc:
-        raise ImproperlyConfigured(f"{where}['options']: {exc}") from exc
+        raise ImproperlyConfigured(str(exc)) from exc
 
 
 def _check_init_command(command: Any, where: str) -> None:
@@ -395,31 +382,13 @@ def _settings_for(settings_dict: Mapping[str, Any], alias: str) -> ReplicationSe
 
 # -- restore at startup --------------------------------------------------------------
 
-_restored: set[str] = set()
-_restore_mutex = threading.Lock()
-
 
 def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
-    """Restore ``config.database`` from its replicas if the file is missing.
-
-    Runs at most once per process and database (later calls return ``None``
-    without I/O; a failed attempt is retried by the next call), under
-    :func:`sqlrepl.restore`'s lock (shared by every process). Does nothing
-    when the replicas are empty (a new app); raises when they cannot be read,
-    so that an app never starts on an empty database while its backup is
-    unreachable.
-    """
-    path = config.database
-    if path is None:
+    """Restore ``config.database`` from its replicas if the file is missing,
+    once per process (see :func:`sqlrepl._integration.restore_once`)."""
+    if config.database is None or not config.replicas:
         return None
-    with _restore_mutex:
-        if path in _restored:
-            return None
-        result = None
-        if not os.path.exists(path):
-            result = sqlrepl.restore(path, list(config.replicas))
-        _restored.add(path)
-        return result
+    return _integration.restore_once(config.database, config.replicas)
 
 
 # -- the backend -----------------------------------------------------------------------
