@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 
@@ -78,6 +79,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         why = "the database exists" if os.path.exists(output) else "the replica is empty"
         if os.path.isdir(output):
             why = f"{output} is a directory; give the path of the database file"
+        elif not os.path.exists(output) and _missing_folder(args.replica):
+            why = f"the replica's folder {_missing_folder(args.replica)} does not exist (a typo in the URL?)"
         print(f"nothing restored: {why}")
         return 0
     print(
@@ -88,6 +91,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.txid is not None and result.txid < args.txid:
         print(f"note: txid {result.txid} is the newest state at or before --txid {args.txid} in the replica")
     return 0
+
+
+def _missing_folder(url: str) -> str | None:
+    """The folder of a ``file://`` replica URL if it does not exist."""
+    if not url.startswith("file:"):
+        return None
+    folder = unquote(urlsplit(url).path)
+    return None if os.path.isdir(folder) else folder
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:

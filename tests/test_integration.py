@@ -139,6 +139,16 @@ def test_directory_as_target_is_named(replicated: tuple[str, str, list[int]], tm
     assert "the database exists" not in done.stdout + done.stderr
 
 
+def test_missing_replica_folder_is_not_an_empty_replica(tmp_path: Path) -> None:
+    """A file:// URL whose folder does not exist says so, instead of looking like an empty replica."""
+    done = cli("restore", str(tmp_path / "x.db"), file_url(tmp_path / "wrong" / "path"))
+    assert done.returncode == 0, done.stderr
+    assert f"the replica's folder {tmp_path / 'wrong' / 'path'} does not exist" in done.stdout
+    (tmp_path / "empty").mkdir()
+    empty = cli("restore", str(tmp_path / "x.db"), file_url(tmp_path / "empty"))
+    assert "nothing restored: the replica is empty" in empty.stdout
+
+
 def test_demo_folder_is_ignored_by_git() -> None:
     """`sqlrepl demo` run in a clone leaves nothing for `git status` to show."""
     if not (ROOT / ".git").exists():
