@@ -77,6 +77,7 @@ __all__ = [
     "DatabaseWrapper",
     "ReplicationSettings",
     "check_databases",
+    "configured",
     "read_settings",
     "restore_once",
     "wait_until_started",
