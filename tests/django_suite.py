@@ -214,7 +214,11 @@ def run_suite(
     run.skipped = int(skipped[-1]) if skipped else 0
     run.failed = {f"{m.group(3)}" for m in _FAILED.finditer(output)}
     if not ran:
-        run.failed.add("<the run did not finish>")
+        why = "<the run did not finish>"
+        if "cannot pickle 'traceback' object" in output:
+            # Without tblib, one failing test aborts a parallel run.
+            why = "<the run did not finish: a test failed in a parallel run (install tblib, or --parallel 1)>"
+        run.failed.add(why)
     if backend == "sqlrepl.django":
         for alias in ALIASES:
             run.production_objects += [
