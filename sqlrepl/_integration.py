@@ -176,10 +176,18 @@ def verify(
     replicas hold everything committed. Without, a database being written
     may run ahead of its replica and differ. While the database keeps
     changing during an attempt, try again, ``attempts`` times. Never
-    writes to ``database``.
+    writes to ``database``. Raises :class:`ConfigError` when ``database``
+    is missing or not a SQLite database.
     """
     path = os.path.abspath(database)
     shown = redact_url(replica)
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"verify: {path} {what}; give the path of the live database")
+    try:
+        _dump_digest(path)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"verify: {path} cannot be read as a SQLite database ({exc})") from exc
     conn = None
     if sync_replicas is not None:
         conn = connect(path, list(sync_replicas), options=options)

@@ -99,6 +99,26 @@ def test_verify_finds_equal_different_and_empty(
     assert (empty.ok, empty.message.split(":")[0]) == (False, "EMPTY")
 
 
+def test_verify_refuses_a_missing_or_non_database_file(
+    replicated: tuple[str, str, list[int]], tmp_path: Path
+) -> None:
+    """verify on a missing path, a folder or a file that is not a database
+    raises ConfigError saying so (the CLI exits 2 with that message)."""
+    _db, url, _ = replicated
+    (tmp_path / "notes.txt").write_text("not a database, but long enough to have a header. " * 4)
+    for path, said in (
+        (tmp_path / "missing.db", "does not exist"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "notes.txt", "cannot be read as a SQLite database"),
+    ):
+        with pytest.raises(sqlrepl.ConfigError, match=said):
+            _integration.verify(str(path), url)
+    done = cli("verify", str(tmp_path / "missing.db"), url)
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # -- the command line ------------------------------------------------------------------
 
 
