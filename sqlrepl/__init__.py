@@ -34,6 +34,7 @@ from ._errors import (
 )
 from ._replica import ObjectInfo, ReplicaClient, RequestStats, open_replica
 from ._replicator import Options, Replicator, Status, get_replicator, stop_all
+from ._report import ReplicaReport, StatusReport, read_status
 from ._restore import RestoreResult, restore, restore_async
 from ._verify import Verification
 
@@ -52,6 +53,9 @@ __all__ = [
     "Status",
     "Verification",
     "get_replicator",
+    "read_status",
+    "StatusReport",
+    "ReplicaReport",
     # restore
     "restore",
     "restore_async",

@@ -8,22 +8,22 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import signal
-import sqlite3
 import sys
-import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 
 from ._connection import connect
 from ._errors import SqlreplError
-from ._progress import ProgressCallback, terminal_bar
+from ._integration import verify
+from ._progress import terminal_bar
 from ._replica import open_replica
 from ._replicator import Options, get_replicator, stop_all
+from ._report import format_report, read_status
 from ._restore import Generation, list_generations, restore
 
 __all__ = ["main"]
@@ -80,6 +80,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         )
     if result is None:
         why = "the database exists" if os.path.exists(output) else "the replica is empty"
+        if os.path.isdir(output):
+            why = f"{output} is a directory; give the path of the database file"
+        elif not os.path.exists(output) and _missing_folder(args.replica):
+            why = f"the replica's folder {_missing_folder(args.replica)} does not exist (a typo in the URL?)"
         print(f"nothing restored: {why}")
         return 0
     print(
@@ -87,7 +91,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         f" ({_ts(result.timestamp_ms)}), {result.objects} objects, {result.bytes} bytes"
         f" in {result.seconds:.2f}s"
     )
+    if args.txid is not None and result.txid < args.txid:
+        print(f"note: txid {result.txid} is the newest state at or before --txid {args.txid} in the replica")
     return 0
+
+
+def _missing_folder(url: str) -> str | None:
+    """The folder of a ``file://`` replica URL if it does not exist."""
+    if not url.startswith("file:"):
+        return None
+    folder = unquote(urlsplit(url).path)
+    return None if os.path.isdir(folder) else folder
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
@@ -167,50 +181,20 @@ def cmd_segments(args: argparse.Namespace) -> int:
     return 0
 
 
-def verify(database: str, replica: str, progress: ProgressCallback | None = None) -> tuple[bool, str]:
-    """Restore ``replica`` into a temporary file and compare it with the live
-    ``database``. Returns (same?, a one-line explanation). ``progress`` is
-    called as the restore proceeds, as by :func:`sqlrepl.restore`."""
-    work = tempfile.mkdtemp(prefix="sqlrepl-verify-")
-    try:
-        target = os.path.join(work, "restored.db")
-        result = restore(target, replica, progress=progress)
-        if result is None:
-            return False, f"replica {replica} is empty"
-        restored = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
-        live = sqlite3.connect(f"file:{os.path.abspath(database)}?mode=ro", uri=True)
-        try:
-            check = restored.execute("PRAGMA integrity_check").fetchall()
-            if check != [("ok",)]:
-                return False, f"restored database fails integrity_check: {check[:3]}"
-            # One read transaction on the live side: a consistent view.
-            live.execute("BEGIN")
-            ours, theirs = list(restored.iterdump()), list(live.iterdump())
-            live.execute("ROLLBACK")
-        finally:
-            restored.close()
-            live.close()
-        where = f"generation {result.generation}, txid {result.txid}, {_ts(result.timestamp_ms)}"
-        if ours == theirs:
-            return True, f"OK: the replica ({where}) matches {database}"
-        diff = next(
-            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
-            min(len(ours), len(theirs)),
-        )
-        return False, (
-            f"DIFFERENT: the replica ({where}) and {database} differ from statement {diff} of the dump"
-            f" ({len(ours)} vs {len(theirs)} statements). A database being written runs ahead of its"
-            " replica by up to the sync interval: verify when it is quiet, or after sqlrepl.sync()."
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     with terminal_bar("verify") as progress:
-        same, message = verify(args.database, args.replica, progress)
-    print(message)
-    return 0 if same else 1
+        found = verify(args.database, args.replica, progress=progress)
+    print(found.message)
+    return 0 if found.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = read_status(args.database)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=1))
+    else:
+        print(format_report(report))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -248,9 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", help="restore from this generation (default: the newest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing database")
     p.add_argument(
-        "--if-db-not-exists-error",
+        "--if-db-exists-error",
+        dest="if_db_not_exists_error",
         action="store_true",
-        help="fail (instead of doing nothing) when the database exists",
+        help="fail (instead of doing nothing) when the database already exists",
+    )
+    # The old spelling, which read backwards: still accepted, not shown.
+    p.add_argument(
+        "--if-db-not-exists-error", dest="if_db_not_exists_error", action="store_true", help=argparse.SUPPRESS
     )
     p.add_argument(
         "--require-replica",
@@ -294,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("database")
     p.add_argument("replica")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "status",
+        help="what the replicating process of a database has done",
+        description="Show what the process replicating DATABASE (whichever it is: this command reads"
+        " what it publishes in DATABASE-sqlrepl/) has done: generation, txid, each replica's position"
+        " and lag, the last error, what is staged. Opens no connection and changes nothing.",
+    )
+    p.add_argument("database")
+    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "demo",

@@ -297,7 +297,7 @@ def _check_bucket(bucket: str, shown: str) -> None:
         raise ConfigError(f"replica URL {shown}: no bucket; write s3://bucket/prefix")
     what = None
     if not 3 <= len(bucket) <= 63:
-        what = f"is {len(bucket)} characters long; bucket names have 3 to 63"
+        what = f"is {len(bucket)} characters long; bucket names have 3 to 63 characters"
     elif re.search(r"[^a-z0-9.-]", bucket):
         bad = "".join(sorted(set(re.findall(r"[^a-z0-9.-]", bucket))))
         what = f"contains {bad!r}; bucket names use only lowercase letters, digits, '.' and '-'"

@@ -27,7 +27,8 @@ Configuration keys:
   (``commit()`` returns once the commit is in every replica).
 - ``SQLREPL_RESTORE`` (default ``True``): at ``init_app``, rebuild the
   database from the replicas when the file is missing (once per process,
-  serialised between processes).
+  serialised between processes), and log what was done (logger
+  ``sqlrepl``, INFO: configure logging to see it).
 - ``SQLREPL_OPTIONS``: a dict of :class:`sqlrepl.Options` fields.
 - ``SQLREPL_CONNECT_ARGS``: extra ``sqlite3.connect`` keyword arguments
   (``timeout``, ``detect_types``, ...).
@@ -39,9 +40,8 @@ from __future__ import annotations
 
 import difflib
 import os
-import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flask import Flask, current_app, g, has_app_context
@@ -49,6 +49,7 @@ from flask import Flask, current_app, g, has_app_context
 import sqlrepl
 
 from ._connection import _database_path
+from ._integration import options_from, replica_list, restore_once
 
 __all__ = ["CONFIG_KEYS", "FlaskSettings", "SqlRepl"]
 
@@ -93,7 +94,7 @@ class SqlRepl:
         and close :meth:`get_db` connections when app contexts end."""
         settings = read_config(app)
         if settings.restore and settings.replicas:
-            restore_once(settings.database, settings.replicas)
+            restore_once(settings.database, settings.replicas)  # logs what it did (logger "sqlrepl")
         app.extensions[_EXTENSION] = settings
         app.teardown_appcontext(self._teardown)
         self._apps += 1
@@ -173,7 +174,7 @@ def read_config(app: Flask) -> FlaskSettings:
     name = config.get("SQLREPL_DATABASE")
     if not name or not isinstance(name, str | os.PathLike):
         raise sqlrepl.ConfigError("set SQLREPL_DATABASE to the path of the SQLite database file")
-    replicas = _replicas(config.get("SQLREPL_REPLICA"))
+    replicas = replica_list(config.get("SQLREPL_REPLICA"), "SQLREPL_REPLICA")
     path = _database_path(name)
     if path is None:
         if replicas:
@@ -199,50 +200,6 @@ def read_config(app: Flask) -> FlaskSettings:
         replicas=replicas,
         durability=durability,
         restore=restore,
-        options=_options(config.get("SQLREPL_OPTIONS")),
+        options=options_from(config.get("SQLREPL_OPTIONS"), "SQLREPL_OPTIONS"),
         connect_args=dict(connect_args),
     )
-
-
-def _replicas(value: Any) -> tuple[str, ...]:
-    if value is None or value == "" or value == []:
-        return ()
-    urls = (value,) if isinstance(value, str) else value
-    if not isinstance(urls, list | tuple) or not all(isinstance(u, str) and u for u in urls):
-        raise sqlrepl.ConfigError(f"SQLREPL_REPLICA must be a URL or a list of URLs, got {value!r}")
-    for url in urls:
-        try:
-            sqlrepl.open_replica(url)  # parses the URL; no I/O
-        except sqlrepl.ConfigError as exc:
-            raise sqlrepl.ConfigError(f"SQLREPL_REPLICA: {exc}") from exc
-    return tuple(urls)
-
-
-def _options(value: Any) -> sqlrepl.Options | None:
-    if value is None or isinstance(value, sqlrepl.Options):
-        return value
-    known = [f.name for f in fields(sqlrepl.Options)]
-    if not isinstance(value, Mapping) or set(value) - set(known):
-        raise sqlrepl.ConfigError(f"SQLREPL_OPTIONS must be a dict with keys among {', '.join(known)}")
-    return sqlrepl.Options(**value)
-
-
-# -- restore at startup --------------------------------------------------------------
-
-_restored: set[str] = set()
-_restore_mutex = threading.Lock()
-
-
-def restore_once(database: str, replicas: tuple[str, ...]) -> sqlrepl.RestoreResult | None:
-    """Restore ``database`` from the first of ``replicas`` that can, if the
-    file is missing; once per process, under :func:`sqlrepl.restore`'s lock
-    (shared with other processes). Raises if no replica could be
-    read, so that an app never starts empty while its backup is unreachable."""
-    with _restore_mutex:
-        if database in _restored:
-            return None
-        result = None
-        if not os.path.exists(database):
-            result = sqlrepl.restore(database, list(replicas))
-        _restored.add(database)
-        return result

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, assert_same_database, file_url, integrity, restore_fresh
+from helpers import ROOT, assert_same_database, file_url, integrity, query, restore_fresh
 
 TESTS = Path(__file__).resolve().parent
 EXAMPLE = ROOT / "examples" / "django"
@@ -276,6 +276,36 @@ def test_replicated_durability_waits_for_the_replica(tmp_path: Path) -> None:
     # The control: the raw connection's commit is only nudged, and with a
     # 60 s interval it is not in the replica yet. This is what the wait adds.
     assert seen["raw"] == [["updated", "atomic 2"], True]
+
+
+def test_replicated_durability_survives_cleared_execute_wrappers(tmp_path: Path) -> None:
+    """Code that empties or replaces connection.execute_wrappers does not turn
+    the durability wait off."""
+    db = database(tmp_path, durability="replicated", options={**FAST, "sync_interval": 60})
+    code = """
+    from django.db import connection
+    call_command("migrate", verbosity=0)
+    def replica_names():
+        dest = f"{DB}.check-{os.urandom(4).hex()}"
+        sqlrepl.restore(dest, connection.settings_dict["OPTIONS"]["replica"])
+        import sqlite3
+        conn = sqlite3.connect(dest)
+        try:
+            return [r[0] for r in conn.execute("SELECT name FROM items_item ORDER BY id")]
+        finally:
+            conn.close()
+    seen = {}
+    connection.execute_wrappers.clear()
+    Item.objects.create(name="cleared")
+    seen["cleared"] = replica_names()
+    connection.execute_wrappers = []
+    with transaction.atomic():
+        Item.objects.create(name="replaced")
+    seen["replaced"] = replica_names()
+    out(seen)
+    """
+    seen = last_json(run_django(db, code))
+    assert seen == {"cleared": ["cleared"], "replaced": ["cleared", "replaced"]}
 
 
 @pytest.mark.slow
@@ -644,3 +674,187 @@ def test_management_command(tmp_path: Path) -> None:
     assert in_place.returncode == 0, in_place.stderr
     assert names(db["NAME"]) == ["first", "second", "third"]
     assert integrity(db["NAME"]) == [("ok",)]
+
+
+# -- test databases and the production replica ------------------------------------------
+
+LEAK_TESTS = '''
+"""Tests run by Django's test runner in tests/test_django.py: each writes to
+the test database from a connection made after the runner switched NAME."""
+import json
+import threading
+import urllib.request
+
+from asgiref.sync import async_to_sync, sync_to_async
+from django.db import connection, connections
+from django.test import LiveServerTestCase, TransactionTestCase
+
+from items.models import Item
+
+
+class NewConnections(TransactionTestCase):
+    def test_thread(self):
+        """A new thread builds a new DatabaseWrapper."""
+        def work():
+            try:
+                Item.objects.create(name="from a thread")
+            finally:
+                connections.close_all()
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        self.assertTrue(Item.objects.filter(name="from a thread").exists())
+
+    def test_copy(self):
+        """connection.copy() builds a new DatabaseWrapper from the rewritten
+        settings, under the same alias or a new one."""
+        for alias in (None, "dynamic_alias"):
+            other = connection.copy(alias)
+            try:
+                with other.cursor() as cursor:
+                    cursor.execute(
+                        "INSERT INTO items_item (name, done, created_at) VALUES (%s, 0, '2026-01-01')",
+                        [f"from a copy as {alias}"],
+                    )
+            finally:
+                other.close()
+            self.assertTrue(Item.objects.filter(name=f"from a copy as {alias}").exists())
+
+    def test_async(self):
+        """An async context runs the query in another thread, with its own wrapper."""
+        create = sync_to_async(lambda: Item.objects.create(name="async").pk, thread_sensitive=False)
+        self.assertTrue(async_to_sync(create)())
+
+
+class LiveServer(LiveServerTestCase):
+    def test_post(self):
+        """The live server's thread writes through its own connection."""
+        request = urllib.request.Request(
+            self.live_server_url + "/api/items",
+            data=json.dumps({"name": "live"}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            self.assertEqual(response.status, 201)
+        self.assertTrue(Item.objects.filter(name="live").exists())
+'''
+
+
+def tree(path: Path) -> dict[str, int]:
+    """Every file under ``path`` (relative name: size); empty if it does not exist."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run_test_suite(tmp_path: Path, db: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run LEAK_TESTS with Django's test runner; return the finished run."""
+    tests_dir = tmp_path / "suite"
+    (tests_dir / "leakcheck").mkdir(parents=True)
+    (tests_dir / "leakcheck" / "__init__.py").write_text("")
+    (tests_dir / "leakcheck" / "tests.py").write_text(LEAK_TESTS)
+    env = django_env(db)
+    env["PYTHONPATH"] += os.pathsep + str(tests_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "django", "test", "leakcheck.tests", "-v", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("test_name", ["file", "memory"])
+def test_test_databases_never_reach_the_production_replica(tmp_path: Path, test_name: str) -> None:
+    """Connections the test runner's database gets from a thread, a copy, an
+    async context and a live server work, and write nothing to the production
+    database or replica, with a file or an in-memory test database."""
+    db = database(tmp_path)
+    if test_name == "file":
+        db["TEST"] = {"NAME": str(tmp_path / "test.db")}
+    replica = tmp_path / "replica"
+    run_django(
+        db, 'call_command("migrate", verbosity=0)\nItem.objects.create(name="prod")\nsqlrepl.sync(DB)\n'
+    )
+    before = tree(replica)
+    assert before
+    proc = run_test_suite(tmp_path, db)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "Ran 4 tests" in proc.stderr
+    assert tree(replica) == before
+    assert names(db["NAME"]) == ["prod"]
+    restored = tmp_path / "restored.db"
+    restore_fresh(file_url(replica), restored)
+    assert names(restored) == ["prod"]
+    assert not (tmp_path / "test.db-sqlrepl").exists()
+
+
+def test_test_database_replicates_only_when_asked(tmp_path: Path) -> None:
+    """With TEST["REPLICA"], the file test database is replicated there (its
+    --parallel clones hold all of it, and its replicator is stopped before
+    the runner deletes it); the production replica still receives nothing."""
+    db = database(tmp_path, durability="replicated")
+    test_replica = tmp_path / "test-replica"
+    db["TEST"] = {"NAME": str(tmp_path / "test.db"), "REPLICA": file_url(test_replica)}
+    replica = tmp_path / "replica"
+    run_django(
+        db, 'call_command("migrate", verbosity=0)\nItem.objects.create(name="prod")\nsqlrepl.sync(DB)\n'
+    )
+    before = tree(replica)
+    proc = run_test_suite(tmp_path, db, "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "Ran 4 tests" in proc.stderr
+    assert tree(replica) == before
+    assert names(db["NAME"]) == ["prod"]
+    restored = tmp_path / "restored-test.db"
+    restore_fresh(file_url(test_replica), restored)
+    assert integrity(restored) == [("ok",)]
+    # TransactionTestCase empties the tables after each test: the schema is what is left.
+    assert ("items_item",) in query(restored, "SELECT name FROM sqlite_master")
+    assert not (tmp_path / "test.db").exists()
+    assert not (tmp_path / "test.db-sqlrepl").exists()
+
+
+def test_test_replica_needs_a_file_test_database(tmp_path: Path) -> None:
+    """TEST["REPLICA"] without a file TEST["NAME"] stops django.setup() with a clear message."""
+    db = database(tmp_path)
+    db["TEST"] = {"REPLICA": file_url(tmp_path / "test-replica")}
+    proc = run_django(db, "", check=False)
+    assert proc.returncode != 0
+    assert "only a test database in a file can be replicated" in proc.stderr
+
+
+def test_shallow_copy_of_a_connection(tmp_path: Path) -> None:
+    """copy.copy(connection) (as Django's own creation tests do) gives a
+    working connection object of the same class and settings."""
+    db = database(tmp_path)
+    code = """
+    import copy
+    from django.db import connections
+    original = connections["default"]
+    call_command("migrate", verbosity=0)
+    twin = copy.copy(original)
+    twin.connection = None
+    twin.settings_dict = copy.deepcopy(original.settings_dict)
+    with twin.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM items_item")
+        count = cursor.fetchone()[0]
+    twin.close()
+    out({"same": type(twin) is type(original) and twin.sqlrepl == original.sqlrepl, "count": count})
+    """
+    assert last_json(run_django(db, code)) == {"same": True, "count": 0}
+
+
+def test_management_restore_prints_its_result_once(tmp_path: Path) -> None:
+    """`manage.py sqlrepl restore` prints what it restored once, even with
+    sqlrepl's INFO log on the console (as the example project has it)."""
+    db = database(tmp_path)
+    run_django(db, 'call_command("migrate", verbosity=0)\nItem.objects.create(name="a")\nsqlrepl.sync(DB)\n')
+    done = manage(db, "sqlrepl", "restore", "-o", str(tmp_path / "copy.db"))
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert [line for line in lines if "restored" in line] == [
+        line for line in done.stdout.splitlines() if line.startswith(f"restored {tmp_path / 'copy.db'}:")
+    ]
+    assert len([line for line in lines if "restored" in line]) == 1

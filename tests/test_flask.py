@@ -202,7 +202,7 @@ def test_relative_path_is_in_the_instance_folder(tmp_path: Path) -> None:
         ({"SQLREPL_REPLICA": ["file:///x", 3]}, "must be a URL or a list of URLs"),
         ({"SQLREPL_DURABILITY": "eventually"}, "must be 'async' or 'replicated'"),
         ({"SQLREPL_RESTORE": "no"}, "must be True or False"),
-        ({"SQLREPL_OPTIONS": {"sync_every": 1}}, "SQLREPL_OPTIONS must be a dict with keys among"),
+        ({"SQLREPL_OPTIONS": {"sync_every": 1}}, "SQLREPL_OPTIONS has unknown field(s) 'sync_every'"),
         ({"SQLREPL_OPTIONS": {"sync_interval": -2}}, "sync_interval must be a number >= 0"),
         ({"SQLREPL_CONNECT_ARGS": {"database": "other.db"}}, "SQLREPL_CONNECT_ARGS must be a dict"),
     ],

@@ -7,11 +7,13 @@ replicated database.
 Environment: ``SQLREPL_DB`` (default ``app.db`` in the instance folder),
 ``SQLREPL_REPLICA`` (default ``file://<this folder>/replica``; or
 ``s3://bucket/prefix`` with the ``AWS_*`` variables), ``SQLREPL_DURABILITY``
-(default ``replicated``), ``SQLREPL_SYNC_INTERVAL`` (default 1 second).
+(default ``replicated``), ``SQLREPL_SYNC_INTERVAL`` (default 1 second),
+``SQLREPL_LOG_LEVEL`` (default ``INFO``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +24,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+import sqlrepl
 from sqlrepl.flask import SqlRepl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +48,10 @@ class Item(db.Model):  # type: ignore[name-defined,misc]
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    # sqlrepl says what it does (the restore at startup, a failing replica)
+    # on the "sqlrepl" logger; Flask configures no logging for it.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sqlrepl").setLevel(os.environ.get("SQLREPL_LOG_LEVEL", "INFO"))
     app = Flask(__name__, instance_path=os.environ.get("SQLREPL_INSTANCE", os.path.join(HERE, "instance")))
     app.config.from_mapping(
         SQLREPL_DATABASE=os.environ.get("SQLREPL_DB", "app.db"),
@@ -110,6 +117,13 @@ def notes() -> Any:
 
 @api.get("/status")
 def status() -> Any:
+    """What the replicating process has done, the same from every worker
+    (``sqlrepl.read_status``; ``sqlrepl status instance/app.db`` shows the
+    same), and this worker's own role."""
     repl.get_db()  # the replicator starts with the first connection
-    st = repl.status()
-    return {"pid": os.getpid(), "role": st.role, "generation": st.generation, "txid": st.txid}
+    database = repl.get_settings().database
+    return {
+        "pid": os.getpid(),
+        "role": repl.status().role,
+        "replication": sqlrepl.read_status(database).as_json(),
+    }

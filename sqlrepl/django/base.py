@@ -25,27 +25,40 @@ Errors in these settings raise ``ImproperlyConfigured`` when the backend is
 created, and at ``django.setup()`` when ``"sqlrepl.django"`` is in
 ``INSTALLED_APPS``, never at the first query.
 
-Not replicated: an in-memory database (an explicit in-memory ``NAME`` with a
-replica is an error), and any database the connection is pointed at after
-it was created -- the test runner's test databases -- so that tests never
-write to the production replica. Writes made on the raw ``sqlite3``
+What replicates is decided once per process, from ``settings.DATABASES`` as
+the app wrote it (copied when the first ``sqlrepl.django`` connection object
+is built, or at ``django.setup()`` with the app installed): a connection
+replicates when it opens the file its alias names there, to that alias's
+replicas. The test runner rewrites ``NAME`` in place (and every connection
+object built afterwards -- in a new thread, a live server, an async context,
+``connection.copy()`` -- sees the rewritten dictionary), so its test
+databases are never replicated, in memory or in a file. A test that wants
+its test database replicated says so: ``"TEST": {"NAME": "a file",
+"REPLICA": "file:///..."}`` replicates that test database (not its clones
+made by ``--parallel``) to that replica, never to the production one.
+
+Not replicated either: an in-memory database (an explicit in-memory
+``NAME`` with a replica is an error). Writes made on the raw ``sqlite3``
 connection (``connection.connection``) are replicated but not waited for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import importlib
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from django.conf import settings
@@ -56,12 +69,15 @@ from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
 import sqlrepl
 
+from .. import _integration
 from .._connection import _database_path
+from .._integration import options_from, replica_list
 
 __all__ = [
     "DatabaseWrapper",
     "ReplicationSettings",
     "check_databases",
+    "configured",
     "read_settings",
     "restore_once",
     "wait_until_started",
@@ -108,6 +124,9 @@ class ReplicationSettings:
     restore: bool
     options: sqlrepl.Options | None
     backend: str | None
+    # TEST["NAME"]'s path and TEST["REPLICA"]: a test database replicated on request.
+    test_database: str | None = None
+    test_replicas: tuple[str, ...] = ()
 
 
 def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> ReplicationSettings:
@@ -158,6 +177,7 @@ def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIA
         _connection_class(factory, where)
     if backend is not None:
         _backend_class(backend)
+    test_database, test_replicas = _test_replication(settings_dict, alias, database)
     return ReplicationSettings(
         alias=alias,
         name=name_str,
@@ -168,7 +188,35 @@ def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIA
         restore=restore,
         options=_options(options.get("options"), where),
         backend=backend,
+        test_database=test_database,
+        test_replicas=test_replicas,
     )
+
+
+def _test_replication(
+    settings_dict: Mapping[str, Any], alias: str, database: str | None
+) -> tuple[str | None, tuple[str, ...]]:
+    """``TEST["NAME"]``'s path and ``TEST["REPLICA"]``, checked."""
+    where = f"settings.DATABASES[{alias!r}]['TEST']"
+    test = settings_dict.get("TEST") or {}
+    if not isinstance(test, Mapping) or not test.get("REPLICA"):
+        return None, ()
+    try:
+        replicas = replica_list(test["REPLICA"], f"{where}['REPLICA']")
+    except sqlrepl.ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+    name = test.get("NAME")
+    path = _database_path(os.fspath(name)) if name else None
+    if path is None:
+        raise ImproperlyConfigured(
+            f"{where} has a REPLICA but its NAME is {name or 'unset'!r}: only a test database in a file"
+            " can be replicated. Set TEST['NAME'] to a file path."
+        )
+    if path == database:
+        raise ImproperlyConfigured(
+            f"{where}['NAME'] is the database itself ({path}); give the test database a file of its own"
+        )
+    return path, replicas
 
 
 def _check_keys(options: Mapping[str, Any], where: str, *, custom_backend: bool) -> None:
@@ -186,35 +234,17 @@ def _check_keys(options: Mapping[str, Any], where: str, *, custom_backend: bool)
 
 
 def _replicas(value: Any, where: str) -> tuple[str, ...]:
-    if value is None or value == "" or value == []:
-        return ()
-    urls = (value,) if isinstance(value, str) else value
-    if not isinstance(urls, list | tuple) or not all(isinstance(u, str) and u for u in urls):
-        raise ImproperlyConfigured(f"{where}['replica'] must be a URL or a list of URLs, got {value!r}")
-    for url in urls:
-        try:
-            sqlrepl.open_replica(url)  # parses the URL; no I/O
-        except sqlrepl.ConfigError as exc:
-            raise ImproperlyConfigured(f"{where}['replica']: {exc}") from exc
-    return tuple(urls)
+    try:
+        return replica_list(value, f"{where}['replica']")
+    except sqlrepl.ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
 
 
 def _options(value: Any, where: str) -> sqlrepl.Options | None:
-    if value is None or isinstance(value, sqlrepl.Options):
-        return value
-    if not isinstance(value, Mapping):
-        raise ImproperlyConfigured(f"{where}['options'] must be a dict of sqlrepl.Options fields")
-    known = [f.name for f in fields(sqlrepl.Options)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ImproperlyConfigured(
-            f"{where}['options'] has unknown field(s) {', '.join(map(repr, unknown))};"
-            f" sqlrepl.Options has {', '.join(known)}"
-        )
     try:
-        return sqlrepl.Options(**value)
+        return options_from(value, f"{where}['options']")
     except sqlrepl.ConfigError as exc:
-        raise ImproperlyConfigured(f"{where}['options']: {exc}") from exc
+        raise ImproperlyConfigured(str(exc)) from exc
 
 
 def _check_init_command(command: Any, where: str) -> None:
@@ -285,44 +315,90 @@ def _backend_class(backend: str) -> type[DatabaseWrapper]:
 def check_databases() -> None:
     """Check every ``DATABASES`` entry that uses this backend; raise
     ``ImproperlyConfigured`` on the first error. Called by the app's
-    ``ready()`` so that errors stop ``django.setup()``."""
-    for alias, settings_dict in settings.DATABASES.items():
+    ``ready()`` so that errors stop ``django.setup()`` (and so that the
+    settings are copied as the app wrote them, see :func:`configured`)."""
+    for alias, settings_dict in _as_written().items():
         if settings_dict.get("ENGINE") == ENGINE:
-            read_settings(settings_dict, alias)
+            configured(alias)
+
+
+# -- the databases as the app configured them -------------------------------------------
+
+_written: dict[str, dict[str, Any]] | None = None
+_configured: dict[str, ReplicationSettings] = {}
+_written_mutex = threading.Lock()
+
+
+def _as_written() -> dict[str, dict[str, Any]]:
+    """``settings.DATABASES`` as it was when first asked for, copied.
+
+    Django's test runner rewrites ``settings.DATABASES[alias]["NAME"]`` (the
+    very dictionary every connection object is built from) to the test
+    database's name; it builds each connection object before, so the first
+    call, made when the first one is built, sees the app's own names.
+    """
+    global _written
+    with _written_mutex:
+        if _written is None:
+            databases = settings.DATABASES if settings.configured else {}
+            _written = {
+                alias: {
+                    **entry,
+                    "OPTIONS": dict(entry.get("OPTIONS") or {}),
+                    "TEST": dict(entry.get("TEST") or {}),
+                }
+                for alias, entry in databases.items()
+                if isinstance(entry, Mapping)
+            }
+        return _written
+
+
+def configured(alias: str) -> ReplicationSettings | None:
+    """The replication settings of ``alias`` as the app wrote them, or
+    ``None`` if the alias does not use this backend."""
+    written = _as_written().get(alias)
+    if written is None or written.get("ENGINE") != ENGINE:
+        return None
+    return _written_settings(alias, written)
+
+
+def _written_settings(alias: str, written: Mapping[str, Any]) -> ReplicationSettings:
+    config = _configured.get(alias)
+    if config is None:
+        config = _configured[alias] = read_settings(written, alias)
+    return config
+
+
+def _settings_for(settings_dict: Mapping[str, Any], alias: str) -> ReplicationSettings:
+    """The settings a connection object of ``alias`` replicates with: the
+    app's as it wrote them (see :func:`_as_written`), whatever
+    ``settings_dict`` says now; for a connection object the app builds from a
+    dictionary of its own (an alias not in ``DATABASES``, or another
+    ``ENGINE``), that dictionary's."""
+    written = _as_written().get(alias)
+    if written is None or written.get("ENGINE") != settings_dict.get("ENGINE"):
+        return read_settings(settings_dict, alias)
+    return _written_settings(alias, written)
 
 
 # -- restore at startup --------------------------------------------------------------
 
-_restored: set[str] = set()
-_restore_mutex = threading.Lock()
-
 
 def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
-    """Restore ``config.database`` from its replicas if the file is missing.
-
-    Runs at most once per process and database (later calls return ``None``
-    without I/O; a failed attempt is retried by the next call), under
-    :func:`sqlrepl.restore`'s lock (shared by every process). Does nothing
-    when the replicas are empty (a new app); raises when they cannot be read,
-    so that an app never starts on an empty database while its backup is
-    unreachable.
-    """
-    path = config.database
-    if path is None:
+    """Restore ``config.database`` from its replicas if the file is missing,
+    once per process (see :func:`sqlrepl._integration.restore_once`)."""
+    if config.database is None or not config.replicas:
         return None
-    with _restore_mutex:
-        if path in _restored:
-            return None
-        result = None
-        if not os.path.exists(path):
-            result = sqlrepl.restore(path, list(config.replicas))
-        _restored.add(path)
-        return result
+    return _integration.restore_once(config.database, config.replicas)
 
 
 # -- the backend -----------------------------------------------------------------------
 
 _live: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+# The settings of the connection object being copied (see DatabaseWrapper.copy).
+_copying: contextvars.ContextVar[ReplicationSettings | None] = contextvars.ContextVar(
+    "sqlrepl_copying", default=None
+)
 _inherited: list[Any] = []
 
 
@@ -348,8 +424,9 @@ class _Connector:
         "uri",
     )
 
-    def __init__(self, config: ReplicationSettings, factory: Any) -> None:
+    def __init__(self, config: ReplicationSettings, replicas: tuple[str, ...], factory: Any) -> None:
         self._config = config
+        self._replicas = replicas
         self._factory = _connection_class(factory)
 
     def __call__(self, *args: Any, **kwargs: Any) -> sqlrepl.Connection:
@@ -361,7 +438,7 @@ class _Connector:
         # after Django has recorded the commit (see DatabaseWrapper.commit).
         return sqlrepl.connect(
             database,
-            config.replicas,
+            self._replicas,
             durability="async",
             options=config.options,
             factory=self._factory,
@@ -376,9 +453,12 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     sqlrepl: ReplicationSettings
 
-    def __new__(cls, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> DatabaseWrapper:
+    def __new__(
+        cls, settings_dict: Mapping[str, Any] | None = None, alias: str = DEFAULT_DB_ALIAS
+    ) -> DatabaseWrapper:
+        # copy.copy() calls __new__ with the class alone, then copies __dict__.
         target = cls
-        if cls is DatabaseWrapper:
+        if cls is DatabaseWrapper and settings_dict is not None:
             backend = (settings_dict.get("OPTIONS") or {}).get("backend")
             if isinstance(backend, str) and backend:
                 target = _backend_class(backend)
@@ -386,15 +466,33 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         return object.__new__(target)
 
     def __init__(self, settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
-        self.sqlrepl = read_settings(settings_dict, alias)
+        copied_from = _copying.get()
+        _copying.set(None)
+        self.sqlrepl = copied_from or _settings_for(settings_dict, alias)
         super().__init__(settings_dict, alias)
         self._sqlrepl_active = False
         self._sqlrepl_dirty = False  # a write in the open transaction
         self._sqlrepl_pending = False  # a write that commits when its cursor closes
-        self._sqlrepl_waits = bool(self.sqlrepl.replicas) and self.sqlrepl.durability == "replicated"
-        if self._sqlrepl_waits:
-            self.execute_wrappers.append(self._sqlrepl_watch)
+        self._sqlrepl_database = ""  # the file the open connection replicates
+        config = self.sqlrepl
+        self._sqlrepl_waits = (
+            bool(config.replicas or config.test_replicas) and config.durability == "replicated"
+        )
+        if config.test_replicas:
+            # (On the instance: the creation class may be a wrapped backend's.)
+            creation = self.creation
+            creation._destroy_test_db = functools.partial(_destroy_test_db, creation._destroy_test_db, config)
+            creation._clone_test_db = functools.partial(_clone_test_db, creation, config)
         _live.add(self)
+
+    def copy(self, alias: str | None = None) -> Any:
+        # The copy replicates as this object does, even under an alias the
+        # app did not configure (its settings are the test runner's).
+        token = _copying.set(self.sqlrepl)
+        try:
+            return super().copy(alias)
+        finally:
+            _copying.reset(token)
 
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()
@@ -402,20 +500,32 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
             params.pop(key, None)
         return params
 
-    def _sqlrepl_replicates(self) -> bool:
-        """Whether the next connection is to the configured database (and
-        not to a test database the test runner switched NAME to)."""
+    def _sqlrepl_target(self) -> tuple[str, tuple[str, ...]] | None:
+        """The file the next connection opens and its replicas, if it
+        replicates: the configured database, or the test database of an
+        explicit ``TEST["REPLICA"]``; never another database (a test
+        database the test runner switched ``NAME`` to)."""
         config = self.sqlrepl
         name = self.settings_dict.get("NAME")
-        return bool(config.replicas) and name is not None and os.fspath(name) == config.name
+        path = _database_path(os.fspath(name)) if name else None
+        if path is None:
+            return None
+        if config.replicas and path == config.database:
+            return path, config.replicas
+        if config.test_replicas and path == config.test_database:
+            return path, config.test_replicas
+        return None
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         self._sqlrepl_active = self._sqlrepl_dirty = self._sqlrepl_pending = False
-        if not self._sqlrepl_replicates():
+        target = self._sqlrepl_target()
+        if target is None:
             return super().get_new_connection(conn_params)
-        if self.sqlrepl.restore:
+        path, replicas = target
+        if self.sqlrepl.restore and path == self.sqlrepl.database:
             restore_once(self.sqlrepl)
-        params = {**conn_params, "factory": _Connector(self.sqlrepl, conn_params.get("factory"))}
+        factory = _Connector(self.sqlrepl, replicas, conn_params.get("factory"))
+        params = {**conn_params, "factory": factory}
         conn = super().get_new_connection(params)
         if not isinstance(conn, sqlrepl.Connection):
             conn.close()
@@ -424,26 +534,27 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
                 " sqlite3.connect(**conn_params), so sqlrepl cannot replicate it"
             )
         self._sqlrepl_active = True
+        self._sqlrepl_database = path
         return conn
 
     # -- durability="replicated" ---------------------------------------------------
 
-    def _sqlrepl_watch(
-        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
-    ) -> Any:
-        """Execute wrapper: notes writes in a transaction, and waits for the
-        replicas after a write that committed by itself (autocommit mode)."""
+    def _sqlrepl_watch(self, run: Callable[[], Any], sql: Any, cursor: Any) -> Any:
+        """Run one statement (``run``, from the cursor classes below, so that
+        no ``execute_wrappers`` list decides it): note a write in a
+        transaction, and wait for the replicas after a write that committed
+        by itself (autocommit mode)."""
         conn = self.connection
         if not self._sqlrepl_active or conn is None:
-            return execute(sql, params, many, context)
+            return run()
         if self._sqlrepl_pending:
             self._sqlrepl_wait()  # an earlier cursor with rows was left open
         before = conn.total_changes
-        result = execute(sql, params, many, context)
+        result = run()
         if conn.total_changes != before or _may_write(sql):
             if conn.in_transaction:
                 self._sqlrepl_dirty = True
-            elif getattr(context.get("cursor"), "description", None) is not None:
+            elif getattr(cursor, "description", None) is not None:
                 # It returns rows (INSERT ... RETURNING): in autocommit mode its
                 # transaction commits only when the statement ends, when the
                 # rows are read or the cursor closed. Wait at the close.
@@ -468,7 +579,7 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     def _sqlrepl_wait(self) -> None:
         self._sqlrepl_dirty = self._sqlrepl_pending = False
-        database = self.sqlrepl.database or ""
+        database = self._sqlrepl_database
         timeout = self.sqlrepl.replicated_timeout
         wait_until_started(database, time.monotonic() + timeout)
         sqlrepl.sync(database, timeout=timeout)
@@ -487,11 +598,21 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
 
 class _WaitOnClose:
-    """Closing the cursor ends its statement: then wait for the replicas if
-    that statement committed a write (see ``DatabaseWrapper._sqlrepl_watch``)."""
+    """The cursor of a connection with ``durability="replicated"``: each
+    statement goes through ``DatabaseWrapper._sqlrepl_watch`` (innermost,
+    after every execute wrapper), and closing the cursor, which ends its
+    statement, waits for the replicas if that statement committed a write."""
 
     cursor: Any
     db: DatabaseWrapper
+
+    def _execute(self, sql: Any, params: Any, *wrapper_args: Any) -> Any:
+        run = functools.partial(super()._execute, sql, params, *wrapper_args)  # type: ignore[misc]
+        return self.db._sqlrepl_watch(run, sql, self.cursor)
+
+    def _executemany(self, sql: Any, param_list: Any, *wrapper_args: Any) -> Any:
+        run = functools.partial(super()._executemany, sql, param_list, *wrapper_args)  # type: ignore[misc]
+        return self.db._sqlrepl_watch(run, sql, self.cursor)
 
     def close(self) -> None:
         try:
@@ -506,6 +627,50 @@ class _Cursor(_WaitOnClose, CursorWrapper):  # type: ignore[misc]  # Django ship
 
 class _DebugCursor(_WaitOnClose, CursorDebugWrapper):  # type: ignore[misc]  # Django ships no type information
     pass
+
+
+def _destroy_test_db(
+    destroy: Callable[[str, int], None], config: ReplicationSettings, name: str, verbosity: int
+) -> None:
+    """Before the test runner deletes a replicated test database: upload what
+    is pending and stop replicating it (its replicator would otherwise see
+    the file vanish and start a new generation of nothing)."""
+    path = _database_path(os.fspath(name)) if name else None
+    if path is not None and path == config.test_database:
+        rep = sqlrepl.get_replicator(path)
+        if rep is not None:
+            rep.stop(flush=True, timeout=config.replicated_timeout)
+    destroy(name, verbosity)
+    if path is not None and path == config.test_database:
+        shutil.rmtree(path + "-sqlrepl", ignore_errors=True)
+
+
+def _clone_test_db(
+    creation: Any, config: ReplicationSettings, suffix: Any, verbosity: int, keepdb: bool = False
+) -> None:
+    """``--parallel``'s clone of a replicated test database: through SQLite's
+    backup, since the database is in WAL mode and its newest pages are in
+    the ``-wal`` file, which the stock clone (a copy of the main file) misses.
+    The clones are not replicated."""
+    clone = type(creation)._clone_test_db
+    source = creation.connection.settings_dict["NAME"]
+    path = _database_path(os.fspath(source)) if source else None
+    if path is None or path != config.test_database:
+        clone(creation, suffix, verbosity, keepdb)
+        return
+    target = creation.get_test_db_clone_settings(suffix)["NAME"]
+    if keepdb:
+        return
+    for suffix_ in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{target}{suffix_}")
+    src = sqlite3.connect(path)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
 
 
 def wait_until_started(database: str, deadline: float) -> None:

@@ -41,16 +41,15 @@ def items(request: HttpRequest) -> JsonResponse:
 
 
 def status(request: HttpRequest) -> JsonResponse:
-    connection.ensure_connection()
-    st = sqlrepl.status(connection.settings_dict["NAME"])
+    """What the replicating process has done, the same from every worker
+    (``sqlrepl.read_status`` reads what it publishes; ``sqlrepl status
+    db.sqlite3`` shows the same), and this worker's own role."""
+    connection.ensure_connection()  # starts this worker's replicator, or its standby
+    database = connection.settings_dict["NAME"]
     return JsonResponse(
         {
             "pid": os.getpid(),
-            "role": st.role,
-            "generation": st.generation,
-            "txid": st.txid,
-            "replicas": [
-                {"generation": r.generation, "txid": r.txid, "error": r.last_error} for r in st.replicas
-            ],
+            "role": sqlrepl.status(database).role,
+            "replication": sqlrepl.read_status(database).as_json(),
         }
     )

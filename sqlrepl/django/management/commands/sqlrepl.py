@@ -9,7 +9,8 @@
   generations each replica holds.
 - ``verify``: wait until the replicas hold everything committed, restore
   each into a temporary file, and check it passes ``integrity_check`` and
-  holds what the live database holds (same ``iterdump``).
+  holds what the live database holds (same ``iterdump``); the same check
+  as ``sqlrepl verify`` (:func:`sqlrepl._integration.verify`).
 
 ``status`` and ``verify`` open the database with :func:`sqlrepl.connect`: if
 no other process replicates it, this one does until it exits.
@@ -19,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import os
-import sqlite3
-import tempfile
 import time
 from typing import Any, ClassVar
 
@@ -32,13 +30,10 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 import sqlrepl
 
+from ...._integration import describe_restore, restore_log_silenced, verify
 from ...._replica import redact_url
 from ...._restore import list_generations
-from ...base import (
-    DatabaseWrapper,
-    ReplicationSettings,
-    wait_until_started,
-)
+from ...base import DatabaseWrapper, ReplicationSettings
 
 __all__ = ["Command"]
 
@@ -113,13 +108,11 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             "timestamp": options["timestamp"],
             "generation": options["generation"],
         }
-        result = sqlrepl.restore(target, list(replicas), **kwargs)
+        # The command prints the result; the library's log line would say it twice.
+        with restore_log_silenced():
+            result = sqlrepl.restore(target, list(replicas), **kwargs)
         assert result is not None  # if_replica_exists=False raises instead
-        self.stdout.write(
-            f"restored {result.path}: generation {result.generation}, txid {result.txid}"
-            f" ({_when(result.timestamp_ms)}), {result.objects} objects, {result.bytes} bytes"
-            f" in {result.seconds:.2f}s"
-        )
+        self.stdout.write(describe_restore(result))
 
     # -- status --------------------------------------------------------------
 
@@ -190,50 +183,19 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             if options["replica"] not in replicas:
                 raise CommandError(f"{options['replica']} is not a replica of database {config.alias!r}")
             replicas = (options["replica"],)
-        conn = sqlrepl.connect(database, config.replicas, options=config.options)
-        try:
-            wait_until_started(database, time.monotonic() + options["timeout"])
-            for url in replicas:
-                self._verify_one(conn, database, url, options)
-        finally:
-            conn.close()
-
-    def _verify_one(self, conn: sqlite3.Connection, database: str, url: str, options: dict[str, Any]) -> None:
-        shown = redact_url(url)
-        for attempt in range(1, max(1, options["attempts"]) + 1):
-            before = _dump_digest(conn)
-            sqlrepl.sync(database, timeout=options["timeout"])
-            with tempfile.TemporaryDirectory(prefix="sqlrepl-verify-", dir=options["tmpdir"]) as tmp:
-                copy = os.path.join(tmp, "restored.db")
-                result = sqlrepl.restore(copy, url, if_db_not_exists=False, if_replica_exists=False)
-                assert result is not None
-                check = sqlite3.connect(copy)
-                try:
-                    integrity = [row[0] for row in check.execute("PRAGMA integrity_check")]
-                    restored = _dump_digest(check)
-                finally:
-                    check.close()
-            if integrity != ["ok"]:
-                raise CommandError(
-                    f"verify {shown}: the restored database fails integrity_check: {integrity[:5]}"
-                )
-            after = _dump_digest(conn)
-            if restored in (before, after):
-                self.stdout.write(
-                    f"verify {shown}: OK (generation {result.generation}, txid {result.txid}:"
-                    f" integrity_check ok, same content as the database, {restored[1]} lines of dump)"
-                )
-                return
-            if before == after:
-                raise CommandError(
-                    f"verify {shown}: the restored database (generation {result.generation}, txid"
-                    f" {result.txid}) differs from the database, which did not change meanwhile"
-                )
-            self.stderr.write(f"verify {shown}: the database changed during attempt {attempt}; again")
-        raise CommandError(
-            f"verify {shown}: the database kept changing during {options['attempts']} attempts;"
-            " run verify when it is quieter"
-        )
+        for url in replicas:
+            found = verify(
+                database,
+                url,
+                sync_replicas=config.replicas,
+                options=config.options,
+                timeout=options["timeout"],
+                attempts=options["attempts"],
+                tmpdir=options["tmpdir"],
+            )
+            if not found.ok:
+                raise CommandError(found.message)
+            self.stdout.write(found.message)
 
 
 def _config(alias: str) -> ReplicationSettings:
@@ -287,21 +249,3 @@ async def _generations(url: str) -> list[dict[str, Any]]:
 
 def _when(timestamp_ms: int) -> str:
     return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="seconds")
-
-
-def _dump_digest(conn: sqlite3.Connection) -> tuple[str, int]:
-    """(sha256, lines) of ``conn``'s logical content, read in one transaction."""
-    digest = hashlib.sha256()
-    lines = 0
-    in_transaction = conn.in_transaction
-    if not in_transaction:
-        conn.execute("BEGIN")
-    try:
-        for line in conn.iterdump():
-            digest.update(line.encode())
-            digest.update(b"\n")
-            lines += 1
-    finally:
-        if not in_transaction:
-            conn.rollback()
-    return digest.hexdigest(), lines
