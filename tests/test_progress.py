@@ -64,8 +64,8 @@ def test_verify_reports_progress(replicated: tuple[str, str]) -> None:
     """verify(progress=...) reports its restore's progress up to the total."""
     db, url = replicated
     calls: list[tuple[int, int]] = []
-    same, message = _cli.verify(db, url, progress=lambda d, t: calls.append((d, t)))
-    assert same, message
+    found = _cli.verify(db, url, progress=lambda d, t: calls.append((d, t)))
+    assert found.ok, found.message
     _assert_monotonic_to_total(calls)
 
 
