@@ -339,10 +339,10 @@ def test_new_generation_is_followed_from_its_snapshot(tmp_path: Path) -> None:
         with sqlrepl.connect(primary, url, options=fast_options()) as conn:
             conn.execute("DELETE FROM t WHERE id % 3 = 0")
         sqlrepl.sync(primary)
-        new_gen = sqlrepl.status(primary).generation
+        new_gen, new_txid = sqlrepl.status(primary).generation, sqlrepl.status(primary).txid
         assert new_gen != first.generation
-        moved = f.wait(lambda s: s.generation == new_gen, 60)
-        assert moved.generation == new_gen
+        moved = f.wait(lambda s: s.generation == new_gen and s.txid >= new_txid, 60)
+        assert (moved.generation, moved.txid) == (new_gen, new_txid)
         assert reader.execute("SELECT count(*) FROM t").fetchone() == (_count(primary))
         reader.close()
     assert dump(copy) == dump(primary)
