@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 from helpers import ROOT, dump, fast_options, file_url, integrity
@@ -418,3 +419,36 @@ def test_unreachable_replica_keeps_serving_and_says_so(
         back = f.wait(lambda s: s.reachable and s.txid >= txid, 60)
         assert back.txid == txid
     assert _count(copy) == (100,)
+
+
+def _read_until(stream: IO[str], prefix: str) -> None:
+    while not (line := stream.readline()).startswith(prefix):
+        assert line, f"the command ended before printing {prefix!r}"
+
+
+def test_cli_follow_in_the_foreground(tmp_path: Path) -> None:
+    """``sqlrepl follow`` restores, applies each new state (printing it with
+    --progress) and stops cleanly on SIGTERM."""
+    url = file_url(tmp_path / "replica")
+    primary, copy = tmp_path / "p.db", tmp_path / "c.db"
+    txid = _write(primary, url, 20)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqlrepl", "follow", str(copy), url, "--poll-interval", "0.05", "--progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("following")
+        _read_until(proc.stdout, f"at txid {txid} ")
+        assert _count(copy) == (20,)
+        txid = _write(primary, url, 30)
+        _read_until(proc.stdout, f"at txid {txid} ")
+        assert _count(copy) == (50,)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("stopped")
