@@ -480,7 +480,9 @@ class Follower:
                             exc,
                         )
                     self._set(reachable=False, error=str(exc))
-                except sqlite3.OperationalError as exc:
+                except (sqlite3.OperationalError, OSError) as exc:
+                    # The copy is unchanged (or a hot journal, which the next
+                    # apply's BEGIN EXCLUSIVE rolls back first): try again.
                     log.warning("follower of %s: apply put off (%s); retrying", self.database, exc)
                     self._set(error=f"apply put off: {exc}")
                 except (CorruptObjectError, RestoreError) as exc:
