@@ -164,6 +164,10 @@ class _Image:
         }
 
 
+class _Diverged(CorruptObjectError):
+    """The copy was written by someone other than the follower."""
+
+
 _FROM_SOURCE = b""  # a page to be read from the batch's source file
 
 
@@ -353,6 +357,8 @@ class Follower:
         self._thread: threading.Thread | None = None
         self._ticks = 0
         self._reseed = False
+        self._diverged = False
+        self._failures = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -465,8 +471,10 @@ class Follower:
     async def _main(self) -> None:
         try:
             while not self._stop.is_set():
+                delay = self.poll_interval
                 try:
                     await self._tick()
+                    self._failures = 0
                     if not self._reachable:
                         log.info("follower of %s: replica %s reachable again", self.database, self.replica)
                     self._set(reachable=True, error=None)
@@ -488,15 +496,19 @@ class Follower:
                 except (CorruptObjectError, RestoreError) as exc:
                     log.warning("follower of %s: %s; re-seeding from the newest snapshot", self.database, exc)
                     self._reseed = True
+                    self._diverged = self._diverged or isinstance(exc, _Diverged)
                     self._set(error=str(exc))
-                await self._sleep()
+                    # A re-seed costs a restore: back off while they keep failing.
+                    self._failures += 1
+                    delay = min(self.poll_interval * 2**self._failures, max(self.poll_interval, 60.0))
+                await self._sleep(delay)
         finally:
             if self._own_client:
                 with contextlib.suppress(Exception):
                     await self._client.aclose()
 
-    async def _sleep(self) -> None:
-        with anyio.move_on_after(self.poll_interval):
+    async def _sleep(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
             await anyio.wait_readable(self._wake_r)
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 64):
@@ -515,7 +527,18 @@ class Follower:
                 return
             newest = usable[-1]
             if self._reseed or newest.id != img.generation:
+                if self._diverged:
+                    # What the follower knew of the file is wrong: diff the
+                    # new state against the file as it is.
+                    scanned = await anyio.to_thread.run_sync(self._scan_unknown)
+                    scanned.generation, scanned.txid, scanned.timestamp_ms = (
+                        img.generation,
+                        img.txid,
+                        img.timestamp_ms,
+                    )
+                    self._image = scanned
                 await self._move(newest)
+                self._diverged = False
                 return
             current = next(g for g in gens if g.id == img.generation)
             candidates = [(k, s) for k, s in current.segments if k.first_txid - 1 <= img.txid < k.last_txid]
@@ -877,7 +900,7 @@ class Follower:
         with self._exclusive():
             page1 = os.pread(fd, ps0, 0)
             if struct.unpack_from(">I", page1, 24)[0] != old.counter:
-                raise CorruptObjectError(
+                raise _Diverged(
                     f"{self.database} was changed by someone else (its change counter moved): a followed"
                     " copy is read-only"
                 )

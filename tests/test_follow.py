@@ -454,3 +454,22 @@ def test_cli_follow_in_the_foreground(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.strip().endswith("stopped")
+
+
+def test_a_copy_written_by_someone_else_is_repaired(tmp_path: Path) -> None:
+    """A write to the copy with plain sqlite3 is noticed (its change counter
+    moved) at the next apply, and the copy is re-seeded to the primary's state."""
+    url = file_url(tmp_path / "replica")
+    primary, copy = tmp_path / "p.db", tmp_path / "c.db"
+    txid = _write(primary, url, 100)
+    with sqlrepl.follow(copy, url, poll_interval=0.02, generation_check_every=2) as f:
+        f.wait(lambda s: s.txid >= txid, 60)
+        rogue = sqlite3.connect(copy)
+        rogue.execute("DELETE FROM t WHERE id > 10")
+        rogue.commit()
+        rogue.close()
+        txid = _write(primary, url, 5)
+        repaired = f.wait(lambda s: s.txid >= txid, 60)
+        assert repaired.txid == txid
+    assert _count(copy) == (105,)
+    assert dump(copy) == dump(primary)
