@@ -399,12 +399,22 @@ class Follower:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the thread (an apply in progress finishes first) and release
         the follower lock. The copy stays a valid database at its last state."""
-        self._stop.set()
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"x")
+        with self._cond:
+            if self._wake_w < 0:
+                return
+            self._stop.set()
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"x")
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        with self._cond:
+            # Only once the thread is gone: a descriptor number closed while
+            # it might still be written to could name another file by then.
+            if self._wake_w >= 0 and (thread is None or not thread.is_alive()):
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     def __enter__(self) -> Follower:
         return self.start()
