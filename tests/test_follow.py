@@ -218,7 +218,7 @@ def _bank(tmp_path: Path, url: str, kills: int, readers: int = 3) -> None:
         total = sum(int(reads) for reads, _last, _bad in results)
         assert all(int(bad) == 0 for _reads, _last, bad in results), results
         assert all(int(last) == _final for _reads, last, _bad in results), (results, _final)
-        assert total >= 300 * readers, results
+        assert total >= 1000 * readers, results  # (a few hundred thousand here)
         follower.proc.send_signal(signal.SIGTERM)
         follower.expect("stopped")
         assert integrity(copy) == [("ok",)]
@@ -234,7 +234,8 @@ def _bank(tmp_path: Path, url: str, kills: int, readers: int = 3) -> None:
 def test_bank_readers_never_see_a_torn_or_older_state(tmp_path: Path) -> None:
     """Plain sqlite3 readers of a followed copy see the bank's invariant and
     a counter that never goes back, while the follower is killed mid-apply
-    (torn page 1, all pages written, or at a random point) and restarted."""
+    (torn page 1, all pages written, or at a random point) and restarted.
+    SQLREPL_FOLLOW_KILLS sets the number of kills (20 by default, ~25 s)."""
     _bank(tmp_path, file_url(tmp_path / "replica"), kills=int(os.environ.get("SQLREPL_FOLLOW_KILLS", "20")))
 
 
