@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -56,7 +57,8 @@ while not done.is_set():
     time.sleep(0.005)  # pacing only: leave the 2 cores some room
 sqlrepl.sync(db, timeout=60)
 n = conn.execute("SELECT transfers FROM meta").fetchone()[0]
-print("final", n, sqlrepl.status(db).txid, flush=True)
+status = sqlrepl.status(db)
+print("final", n, status.txid, status.generation, flush=True)
 """
 
 # The follower, printing each applied state. With TORN=1 it kills itself in
@@ -78,7 +80,9 @@ if torn in ("page1", "all"):
             os.kill(os.getpid(), signal.SIGKILL)
         original(self, batch, first)
     Follower._write_pages = write_pages
-f = sqlrepl.follow(db, url, poll_interval=0.05, on_apply=lambda s: print("applied", s.txid, flush=True))
+def applied(s):
+    print("applied", s.txid, s.generation, flush=True)
+f = sqlrepl.follow(db, url, poll_interval=0.05, on_apply=applied)
 signal.signal(signal.SIGTERM, lambda *_: f.stop())
 f.wait(lambda s: False)
 print("stopped", flush=True)
@@ -208,16 +212,33 @@ def _bank(tmp_path: Path, url: str, kills: int, readers: int = 3) -> None:
             follower.expect("applied")
         for r in reading:
             r.expect("reads")
+        # The primary loses its staging and starts a new generation while the
+        # readers read: the follower moves to it in one step.
         assert writer.proc.stdin is not None
         writer.proc.stdin.close()
-        _final, txid = (int(x) for x in writer.expect("final"))
-        while int(follower.expect("applied")[0]) < txid:
+        old_generation = writer.expect("final")[2]
+        writer.proc.wait(60)
+        shutil.rmtree(str(primary) + "-sqlrepl")
+        writer = Proc(WRITER, str(primary), url, here, log=tmp_path / "writer.log")
+        procs.append(writer)
+        writer.expect("ready")
+        while follower.expect("applied")[1] == old_generation:
+            pass
+        for r in reading:
+            r.expect("reads")
+        assert writer.proc.stdin is not None
+        writer.proc.stdin.close()
+        final, txid, generation = writer.expect("final")
+        assert generation != old_generation
+        while (applied := follower.expect("applied")) and (
+            applied[1] != generation or int(applied[0]) < int(txid)
+        ):
             pass
         stop.touch()
         results = [r.expect("done") for r in reading]
         total = sum(int(reads) for reads, _last, _bad in results)
         assert all(int(bad) == 0 for _reads, _last, bad in results), results
-        assert all(int(last) == _final for _reads, last, _bad in results), (results, _final)
+        assert all(int(last) == int(final) for _reads, last, _bad in results), (results, final)
         assert total >= 1000 * readers, results  # (a few hundred thousand here)
         follower.proc.send_signal(signal.SIGTERM)
         follower.expect("stopped")
@@ -337,8 +358,6 @@ def test_new_generation_is_followed_from_its_snapshot(tmp_path: Path) -> None:
         first = f.wait(lambda s: s.txid >= txid, 60)
         reader = sqlite3.connect(copy)
         sqlrepl.stop_all()
-        import shutil
-
         shutil.rmtree(str(primary) + "-sqlrepl")
         with sqlrepl.connect(primary, url, options=fast_options()) as conn:
             conn.execute("DELETE FROM t WHERE id % 3 = 0")
