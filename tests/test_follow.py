@@ -493,3 +493,24 @@ def test_a_copy_written_by_someone_else_is_repaired(tmp_path: Path) -> None:
         assert repaired.txid == txid
     assert _count(copy) == (105,)
     assert dump(copy) == dump(primary)
+
+
+def test_a_long_read_puts_an_apply_off_and_sees_its_own_state(tmp_path: Path) -> None:
+    """A read transaction that outlasts lock_timeout keeps its state whole; the
+    apply is put off (status says so) and happens once the reader is done."""
+    url = file_url(tmp_path / "replica")
+    primary, copy = tmp_path / "p.db", tmp_path / "c.db"
+    txid = _write(primary, url, 10)
+    with sqlrepl.follow(copy, url, poll_interval=0.02, lock_timeout=0.1) as f:
+        f.wait(lambda s: s.txid >= txid, 60)
+        reader = sqlite3.connect(copy, isolation_level=None)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM t").fetchone() == (10,)
+        new_txid = _write(primary, url, 10)
+        put_off = f.wait(lambda s: "apply put off" in (s.error or ""), 60)
+        assert put_off.txid == txid
+        assert reader.execute("SELECT count(*) FROM t").fetchone() == (10,)
+        reader.execute("COMMIT")
+        assert f.wait(lambda s: s.txid >= new_txid, 60).txid == new_txid
+        assert reader.execute("SELECT count(*) FROM t").fetchone() == (20,)
+        reader.close()
