@@ -359,6 +359,7 @@ class Follower:
         self._reseed = False
         self._diverged = False
         self._failures = 0
+        self._pending: _Batch | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -506,6 +507,7 @@ class Follower:
                 except (CorruptObjectError, RestoreError) as exc:
                     log.warning("follower of %s: %s; re-seeding from the newest snapshot", self.database, exc)
                     self._reseed = True
+                    self._pending = None
                     self._diverged = self._diverged or isinstance(exc, _Diverged)
                     self._set(error=str(exc))
                     # A re-seed costs a restore: back off while they keep failing.
@@ -529,6 +531,13 @@ class Follower:
             await self._open()
             return
         img = self._image
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.image is img:
+            # Put off by a long reader last time: apply what was fetched.
+            self._pending = pending
+            await anyio.to_thread.run_sync(self._commit, pending)
+            self._pending = None
+            return
         self._ticks += 1
         if self._reseed or self._ticks % self.generation_check_every == 0:
             gens = group_generations(await self._client.list(_format.GENERATIONS))
@@ -574,7 +583,9 @@ class Follower:
             if key.timestamp_ms > (time.time() - 2 * self.poll_interval) * 1000:
                 break
             candidates = await self._next_segments(img.generation, batch.txid)
+        self._pending = batch  # kept if the apply is put off
         await anyio.to_thread.run_sync(self._commit, batch)
+        self._pending = None
 
     async def _next_segments(self, generation: str, txid: int) -> list[tuple[SegmentKey, int]]:
         """The segments that start right after ``txid`` (one LIST of a

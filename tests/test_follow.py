@@ -509,8 +509,11 @@ def test_a_long_read_puts_an_apply_off_and_sees_its_own_state(tmp_path: Path) ->
         new_txid = _write(primary, url, 10)
         put_off = f.wait(lambda s: "apply put off" in (s.error or ""), 60)
         assert put_off.txid == txid
+        gets = put_off.requests["GET"]
         assert reader.execute("SELECT count(*) FROM t").fetchone() == (10,)
         reader.execute("COMMIT")
-        assert f.wait(lambda s: s.txid >= new_txid, 60).txid == new_txid
+        done = f.wait(lambda s: s.txid >= new_txid, 60)
+        assert done.txid == new_txid
+        assert done.requests["GET"] == gets  # what was fetched is applied, not fetched again
         assert reader.execute("SELECT count(*) FROM t").fetchone() == (20,)
         reader.close()
