@@ -1016,12 +1016,13 @@ def follow(
     ``lock_timeout``: how long an apply waits for readers to finish their
     read transactions before it gives up and tries again at the next poll.
     ``overwrite``: replace an existing file that is not a follower's copy.
-    ``on_apply``: called (in the follower's thread) after each applied batch.
+    ``on_apply``: called after each applied batch, from a thread of the follower
+    (keep it short: the next poll waits for it).
 
     Raises :class:`FollowedDatabaseError` if another follower keeps the file,
     :class:`ConfigError` for a bad URL or argument.
     """
-    return Follower(
+    follower = Follower(
         database,
         replica,
         poll_interval=poll_interval,
@@ -1029,4 +1030,9 @@ def follow(
         lock_timeout=lock_timeout,
         overwrite=overwrite,
         on_apply=on_apply,
-    ).start()
+    )
+    try:
+        return follower.start()
+    except BaseException:
+        follower.stop()  # (closes what __init__ opened)
+        raise
