@@ -20,6 +20,9 @@ import pytest
 from helpers import ROOT, dump, fast_options, file_url, integrity
 
 import sqlrepl
+from sqlrepl import _format
+from sqlrepl._compact import merge_segments
+from sqlrepl._format import SegmentKey
 from sqlrepl._replica import ObjectInfo, ReplicaClient, RequestStats
 
 ACCOUNTS = 100
@@ -517,3 +520,40 @@ def test_a_long_read_puts_an_apply_off_and_sees_its_own_state(tmp_path: Path) ->
         assert done.requests["GET"] == gets  # what was fetched is applied, not fetched again
         assert reader.execute("SELECT count(*) FROM t").fetchone() == (20,)
         reader.close()
+
+
+def test_a_merged_segment_that_covers_the_copy_is_applied(tmp_path: Path) -> None:
+    """When the segments after the copy's txid were merged into one that
+    starts before it (compaction, then retention of the small ones), the
+    follower applies the merged one, checked by its "after" checksum."""
+    root = tmp_path / "replica"
+    url = file_url(root)
+    primary, copy = tmp_path / "p.db", tmp_path / "c.db"
+    _write(primary, url, 10)
+    at = _write(primary, url, 10)
+    with sqlrepl.follow(copy, url, poll_interval=0.02) as f:
+        f.wait(lambda s: s.txid >= at, 60)
+    _write(primary, url, 10)
+    last = _write(primary, url, 10)
+    segments = sorted(
+        (key, path)
+        for path in root.rglob("*.segment")
+        if isinstance(key := _format.parse_key(path.relative_to(root).as_posix()), SegmentKey)
+    )
+    chain = [(k, p) for k, p in segments if k.last_txid >= at]
+    assert chain[0][0].last_txid == at  # the merge starts before the copy's txid
+    assert chain[-1][0].last_txid == last
+    merged = tmp_path / "merged"
+    with open(merged, "w+b") as out:
+        header = merge_segments([str(p) for _k, p in chain], out)
+    key = _format.segment_key(
+        chain[0][0].generation, header.first_txid, header.last_txid, header.timestamp_ms
+    )
+    for _k, p in chain:
+        p.unlink()
+    os.replace(merged, root / key)
+    with sqlrepl.follow(copy, url, poll_interval=0.02, generation_check_every=1) as f:
+        done = f.wait(lambda s: s.txid >= last, 60)
+    assert done.txid == last
+    assert done.requests["GET"] == 1  # the merged segment alone: no re-seed
+    assert dump(copy) == dump(primary)
