@@ -18,6 +18,7 @@ from ._errors import (
     ConfigError,
     CorruptObjectError,
     DatabaseExistsError,
+    FollowedDatabaseError,
     NoBackupError,
     ObjectNotFoundError,
     PointInTimeError,
@@ -32,6 +33,7 @@ from ._errors import (
     SyncTimeoutError,
     WalModeError,
 )
+from ._follow import Follower, FollowStatus, follow
 from ._replica import ObjectInfo, ReplicaClient, RequestStats, open_replica
 from ._replicator import Options, Replicator, Status, get_replicator, stop_all
 from ._report import ReplicaReport, StatusReport, read_status
@@ -60,6 +62,10 @@ __all__ = [
     "restore",
     "restore_async",
     "RestoreResult",
+    # read replicas
+    "follow",
+    "Follower",
+    "FollowStatus",
     # storage
     "ReplicaClient",
     "ObjectInfo",
@@ -79,6 +85,7 @@ __all__ = [
     "RestoreError",
     "NoBackupError",
     "DatabaseExistsError",
+    "FollowedDatabaseError",
     "PointInTimeError",
     "SyncTimeoutError",
     "StagingFullError",

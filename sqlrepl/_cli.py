@@ -19,6 +19,7 @@ import anyio
 
 from ._connection import connect
 from ._errors import SqlreplError
+from ._follow import FollowStatus, follow
 from ._integration import verify
 from ._progress import terminal_bar
 from ._replica import open_replica
@@ -124,6 +125,34 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             return 1
     print("stopping: uploading what is pending")
     stop_all(flush=True, timeout=args.exit_timeout)
+    return 0
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def progress(status: FollowStatus) -> None:
+        print(f"at txid {status.txid} (generation {status.generation})", flush=True)
+
+    follower = follow(
+        args.database,
+        args.replica,
+        poll_interval=args.poll_interval,
+        overwrite=args.overwrite,
+        on_apply=progress if args.progress else None,
+    )
+    print(f"following {follower.replica} into {follower.database}; Ctrl-C to stop", flush=True)
+    try:
+        while not stop.wait(0.5):
+            status = follower.status()
+            if status.state == "failed":
+                print(f"follow failed: {status.error}", file=sys.stderr)
+                return 1
+    finally:
+        follower.stop()
+    print("stopped", flush=True)
     return 0
 
 
@@ -261,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-interval", type=float, default=1.0, help="seconds between uploads (default 1)")
     p.add_argument("--exit-timeout", type=float, default=30.0, help="seconds to upload at exit (default 30)")
     p.set_defaults(func=cmd_replicate)
+
+    p = sub.add_parser(
+        "follow",
+        help="keep a read-only copy of a replicated database current (read replica)",
+        description="Restore DATABASE from REPLICA if it is missing, then apply each new segment as it"
+        " appears, until interrupted (SIGINT/SIGTERM). Any process may read DATABASE with plain sqlite3"
+        " meanwhile; see docs/follow.md.",
+    )
+    p.add_argument("database")
+    p.add_argument("replica")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file that is not a copy")
+    p.add_argument("--progress", action="store_true", help="print a line after each applied batch")
+    p.set_defaults(func=cmd_follow)
 
     for name, func, text in (
         ("generations", cmd_generations, "list the generations in a replica"),

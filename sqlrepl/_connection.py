@@ -11,6 +11,7 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from ._errors import ConfigError, WalModeError
+from ._follow import check_not_followed
 from ._replicator import Options, Replicator, Status, get_replicator
 
 __all__ = ["Connection", "connect", "status", "sync", "sync_async"]
@@ -133,6 +134,10 @@ def connect(
         raise ConfigError(
             f"cannot replicate an in-memory database ({os.fspath(database)!r}); give a file path"
         )
+    if path is not None:
+        # A follower's copy is read-only: its next apply would find the
+        # change counter moved and replace the writes.
+        check_not_followed(path)
     factory = sqlite3_kwargs.pop("factory", Connection)
     if not (isinstance(factory, type) and issubclass(factory, Connection)):
         raise ConfigError("factory must be a subclass of sqlrepl.Connection")

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "CorruptObjectError",
     "DatabaseExistsError",
+    "FollowedDatabaseError",
     "NoBackupError",
     "ObjectNotFoundError",
     "PointInTimeError",
@@ -131,3 +132,9 @@ class StagingFullError(SqlreplError):
     """The local staging directory is over its hard limit because a replica
     has been failing for a long time. That replica will be resynchronised from
     a fresh snapshot when it comes back."""
+
+
+class FollowedDatabaseError(SqlreplError):
+    """The database is a read replica kept by a follower (``sqlrepl.follow``):
+    it is read-only. Raised by ``sqlrepl.connect`` on it, and by a second
+    follower of the same file."""
