@@ -1080,7 +1080,9 @@ class Replicator:
         assert capture is not None
         asked = time.monotonic_ns()
         staged = await anyio.to_thread.run_sync(
-            lambda: capture.give_way(self._staging, self._gen(), on_staged=self._record_segment)
+            lambda: capture.give_way(
+                self._staging, self._gen(), on_staged=self._record_segment, max_bytes=self._piece_bytes
+            )
         )
         if staged is not None:
             self._set_checked(asked)

@@ -206,3 +206,75 @@ def test_database_replaced_under_a_running_app(
     restored = tmp_path / "restored-after.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+GIVE_WAY_ON_FULL_STAGING = r"""
+import errno, os, sqlite3, sys, threading, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+from sqlrepl import _wal
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+size = os.path.getsize(filler)
+for i in range(700):  # about 5.7 MB of incompressible pages
+    conn.execute("INSERT INTO t(v) VALUES (randomblob(8000))")
+    conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+# Another connection's TRUNCATE checkpoint waits for sqlrepl's pin, which
+# holds the uncopied backlog...
+result = []
+ckpt = sqlite3.connect(db, timeout=90, isolation_level=None, check_same_thread=False)
+truncate = lambda: result.append(ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+thread = threading.Thread(target=truncate)
+thread.start()
+shm = _wal.long_lived_fd(db + "-shm")
+while not _wal.checkpointer_waiting(shm):
+    assert time.monotonic() < deadline and not result, result
+    time.sleep(0.005)
+print("checkpoint waiting", flush=True)
+# ...and then room comes back, less than the backlog.
+os.truncate(filler, max(0, size - (3 << 20)))
+thread.join(180)
+print("checkpoint", result, flush=True)
+sqlrepl.sync(db, timeout=120)
+print("synced", sqlrepl.status(db).generation, flush=True)
+ckpt.close()
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
+    """Another connection's TRUNCATE checkpoint waits while the staging disk
+    is full and the uncopied backlog is larger than the room that comes back:
+    sqlrepl copies it in pieces that fit, so the checkpoint completes within
+    its busy timeout, in the same generation, and the replica restores equal."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", GIVE_WAY_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "checkpoint waiting" in out
+    assert "checkpoint [(0, 0, 0)]" in out, out
+    assert "synced" in out
+    assert "did not stop" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
