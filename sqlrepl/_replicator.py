@@ -720,7 +720,15 @@ class Replicator:
                 capture.txid = int(state.get("txid", 0))
             log.info("%s starts a new generation: %s", self.database, reason)
             asked = time.monotonic_ns()  # before the snapshot reads the WAL index
-            await self._new_generation()
+            try:
+                await self._new_generation()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # No room for the snapshot: say so; the capture loop starts
+                # the generation (its position is None) once there is room.
+                await self._out_of_space(exc)
+                return
             self._set_checked(asked)
         # When continuing, frames past the position are captured by the first
         # pass of the capture loop, which records what it has seen.
@@ -739,6 +747,7 @@ class Replicator:
         self._txid = capture.txid
         self._drop_window()
         self._add_staged(staged)
+        self._snapshot_wanted = False  # (what a replica asked for meanwhile: this one serves)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
         await anyio.to_thread.run_sync(self._save_state)
@@ -785,7 +794,7 @@ class Replicator:
                 # (The index reads are one pread of 136 bytes: done right here,
                 # not in a worker thread, as each hop to a worker and back is a
                 # GIL hand-off that busy app threads can delay by milliseconds.)
-                if capture.checkpointer_waiting():
+                if capture.position is not None and capture.checkpointer_waiting():
                     await self._give_way()
                 looked = time.monotonic_ns()
                 replaced = capture.replaced()
@@ -794,7 +803,7 @@ class Replicator:
                         return
                     await self._sleep(opts.poll_interval)
                     continue
-                if capture.position is None:  # reopened on a new file
+                if capture.position is None:  # reopened on a new file, or continuity lost
                     asked = time.monotonic_ns()
                     await self._new_generation()
                     self._set_checked(asked)
@@ -821,16 +830,16 @@ class Replicator:
                         self._error = None
             except ContinuityLost as exc:
                 log.warning("%s: continuity lost (%s); starting a new generation", self.database, exc)
-                await self._new_generation()
-                self._kick_all()
+                # Started at the top of the loop, where a full staging disk
+                # is reported and retried like any failed capture.
+                capture.position = None
                 continue
             except CaptureRetry as exc:
                 retries += 1
                 if retries >= 120:  # about two minutes without a consistent view
                     log.warning("%s: %s, %d times; starting a new generation", self.database, exc, retries)
                     retries = 0
-                    await self._new_generation()
-                    self._kick_all()
+                    capture.position = None
                     continue
                 log.debug("%s: capture again: %s", self.database, exc)
                 await anyio.sleep(backoff)

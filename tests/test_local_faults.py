@@ -283,3 +283,129 @@ def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+NEW_GENERATION_ON_FULL_STAGING = r"""
+import errno, os, sqlite3, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+first = sqlrepl.status(db).generation
+conn.close()
+sqlrepl.stop_all(timeout=10)
+# Written while sqlrepl is not running: the next start needs a new generation.
+plain = sqlite3.connect(db, isolation_level=None)
+plain.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
+plain.close()
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+print("role", sqlrepl.status(db).role, flush=True)
+os.unlink(filler)
+sqlrepl.sync(db, timeout=120)
+print("synced", sqlrepl.status(db).generation != first, flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path) -> None:
+    """The app starts while the staging disk is full and the database changed
+    while sqlrepl was not running, so the new generation's snapshot finds no
+    room: the replicator reports it and keeps trying (it does not fail for
+    good), and once room comes back sync() returns and the replica restores
+    equal to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", NEW_GENERATION_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "role replicating" in out, out
+    assert "synced True" in out, out
+    assert "crashed" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+CONTINUITY_LOST_ON_FULL_STAGING = r"""
+import errno, os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+from sqlrepl import _capture
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+first = sqlrepl.status(db).generation
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+# The next capture finds continuity lost (as after a WAL reset it cannot
+# prove), so the new generation's snapshot meets the full disk.
+real = _capture.Capture.capture
+def lost(self, *args, **kwargs):
+    _capture.Capture.capture = real
+    raise _capture.ContinuityLost("injected by the test")
+_capture.Capture.capture = lost
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+print("role", sqlrepl.status(db).role, flush=True)
+os.unlink(filler)
+sqlrepl.sync(db, timeout=120)
+print("synced", sqlrepl.status(db).generation != first, flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_continuity_lost_on_a_full_staging_disk_waits_for_room(tmp_path: Path) -> None:
+    """Continuity is lost while the staging disk is full, so the new
+    generation's snapshot finds no room: the replicator reports it and keeps
+    trying rather than failing for good, and once room comes back sync()
+    returns in the new generation and the replica restores equal."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", CONTINUITY_LOST_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "role replicating" in out, out
+    assert "synced True" in out, out
+    assert "crashed" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
