@@ -722,6 +722,8 @@ class Replicator:
             asked = time.monotonic_ns()  # before the snapshot reads the WAL index
             try:
                 await self._new_generation()
+            except CaptureRetry:
+                return  # stopping (the capture loop tries again otherwise)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -742,6 +744,8 @@ class Replicator:
                 staged = await anyio.to_thread.run_sync(capture.new_generation, self._staging, generation)
                 break
             except CaptureRetry:
+                if self._stop.is_set() and time.monotonic() >= self._stop_deadline:
+                    raise  # (the capture loop then stops)
                 await anyio.sleep(0.05)
         self._generation = generation
         self._txid = capture.txid
@@ -835,6 +839,16 @@ class Replicator:
                 capture.position = None
                 continue
             except CaptureRetry as exc:
+                if stopping and time.monotonic() >= self._stop_deadline:
+                    # (A view that stays inconsistent, e.g. the -wal deleted
+                    # under the app, must not keep stop() from returning.)
+                    log.warning(
+                        "%s: stopping without capturing what follows txid %d: %s",
+                        self.database,
+                        self._txid,
+                        exc,
+                    )
+                    return
                 retries += 1
                 if retries >= 120:  # about two minutes without a consistent view
                     log.warning("%s: %s, %d times; starting a new generation", self.database, exc, retries)

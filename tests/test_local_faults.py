@@ -1,5 +1,6 @@
 """Local faults under a running app: the staging disk fills up, the database
-file is replaced. Replication must not wedge, and must say what happened."""
+file is replaced, the -wal file is deleted. Replication must not wedge (nor
+stop() hang), and must say what happened."""
 
 from __future__ import annotations
 
@@ -409,3 +410,72 @@ def test_continuity_lost_on_a_full_staging_disk_waits_for_room(tmp_path: Path) -
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+STOP_WITHOUT_WAL = r"""
+import logging, os, sys, threading, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url, wait_for = sys.argv[1], sys.argv[2], sys.argv[4]
+seen = threading.Event()
+class Watch(logging.Handler):
+    def emit(self, record):
+        if wait_for and wait_for in record.getMessage():
+            seen.set()
+logging.getLogger("sqlrepl").addHandler(Watch())
+conn = sqlrepl.connect(db, url, options=fast_options(exit_timeout=2.0))
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+rep = sqlrepl.get_replicator(db)
+# The app's connection goes on writing into the deleted -wal (SQLite keeps
+# it open); sqlrepl can no longer read what the wal-index says is there.
+os.unlink(db + "-wal")
+conn.execute("INSERT INTO t(v) VALUES ('unreadable')")
+conn.commit()
+if wait_for:
+    assert seen.wait(600), "never logged: " + wait_for
+    print("seen", flush=True)
+rep.stop(timeout=2.0)  # waits 2 s, plus a 5 s grace period for the thread
+print("role", rep.status.role, flush=True)
+os._exit(0)  # (a replicator thread still running must not hold the process)
+"""
+
+
+def _stop_without_wal(tmp_path: Path, wait_for: str) -> str:
+    db = str(tmp_path / "app.db")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOP_WITHOUT_WAL,
+            db,
+            file_url(tmp_path / "replica"),
+            str(Path(__file__).parent),
+            wait_for,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_stop_returns_while_captures_keep_failing(tmp_path: Path) -> None:
+    """Every capture fails ("WAL header does not match the wal-index") once
+    the -wal file is deleted: stop() still ends the replicator."""
+    out = _stop_without_wal(tmp_path, "")
+    assert "role stopped" in out, out
+    assert "did not stop" not in out
+
+
+def test_stop_returns_while_a_new_generation_keeps_failing(tmp_path: Path) -> None:
+    """After two minutes of failed captures the replicator tries a new
+    generation, whose snapshot fails the same way: stop() still ends it."""
+    out = _stop_without_wal(tmp_path, "times; starting a new generation")
+    assert "seen" in out
+    assert "role stopped" in out, out
+    assert "did not stop" not in out
