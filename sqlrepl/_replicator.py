@@ -171,7 +171,7 @@ class Options:
                 f"option segment_max_bytes must be an integer >= 1, got {self.segment_max_bytes!r}"
             )
         value = self.replica_check_interval
-        if not isinstance(value, int | float) or value <= 0:
+        if not isinstance(value, int | float) or not value > 0:  # (NaN too)
             raise ConfigError(f"option replica_check_interval must be a number of seconds > 0, got {value!r}")
         if self.checkpoint_frames < 1:
             raise ConfigError("option checkpoint_frames must be >= 1")
