@@ -887,7 +887,13 @@ class Capture:
         return self._gave_way_at is None or self.index() != self._gave_way_at
 
     def give_way(
-        self, staging: Staging, generation: str, *, on_staged: Callable[[Staged], None], timeout: float = 0.5
+        self,
+        staging: Staging,
+        generation: str,
+        *,
+        on_staged: Callable[[Staged], None],
+        timeout: float = 0.5,
+        max_bytes: int = 0,
     ) -> Staged | None:
         """Let another connection's FULL, RESTART or TRUNCATE checkpoint
         through, instead of making it (and, behind its write lock, every
@@ -907,14 +913,19 @@ class Capture:
 
         Returns within about ``timeout`` seconds, also when the checkpoint
         waits for someone else (another reader); the captured segment, if
-        any, is returned (already recorded).
+        any, is returned (already recorded). With ``max_bytes`` the copy is
+        made in pieces as :meth:`capture` makes them, each recorded
+        (``on_staged``) as it is written, so that a full staging disk that
+        has room for a piece still lets the checkpoint through.
         """
         deadline = time.monotonic() + timeout
         staged = None
-        # (One capture copies everything today; the loop keeps this right
-        # for a capture that copies a bounded piece at a time.)
         while time.monotonic() < deadline:
-            piece = self.capture(staging, generation, sync=False)
+            # In pieces: a backlog larger than the staging disk's free room
+            # would otherwise fail whole on every pass while the checkpoint
+            # (and every writer behind it) waits.
+            on_piece = on_staged if max_bytes else None
+            piece = self.capture(staging, generation, sync=False, max_bytes=max_bytes, on_piece=on_piece)
             if piece is None:
                 break
             try:

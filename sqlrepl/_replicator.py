@@ -186,7 +186,7 @@ class Options:
                 f"option segment_max_bytes must be an integer >= 1, got {self.segment_max_bytes!r}"
             )
         value = self.replica_check_interval
-        if not isinstance(value, int | float) or value <= 0:
+        if not isinstance(value, int | float) or not value > 0:  # (NaN too)
             raise ConfigError(f"option replica_check_interval must be a number of seconds > 0, got {value!r}")
         if self.checkpoint_frames < 1:
             raise ConfigError("option checkpoint_frames must be >= 1")
@@ -845,7 +845,17 @@ class Replicator:
                 capture.txid = int(state.get("txid", 0))
             log.info("%s starts a new generation: %s", self.database, reason)
             asked = time.monotonic_ns()  # before the snapshot reads the WAL index
-            await self._new_generation()
+            try:
+                await self._new_generation()
+            except CaptureRetry:
+                return  # stopping (the capture loop tries again otherwise)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # No room for the snapshot: say so; the capture loop starts
+                # the generation (its position is None) once there is room.
+                await self._out_of_space(exc)
+                return
             self._set_checked(asked)
         # When continuing, frames past the position are captured by the first
         # pass of the capture loop, which records what it has seen.
@@ -859,6 +869,8 @@ class Replicator:
                 staged = await anyio.to_thread.run_sync(capture.new_generation, self._staging, generation)
                 break
             except CaptureRetry:
+                if self._stop.is_set() and time.monotonic() >= self._stop_deadline:
+                    raise  # (the capture loop then stops)
                 await anyio.sleep(0.05)
         self._generation = generation
         self._txid = capture.txid
@@ -869,6 +881,7 @@ class Replicator:
         self._mark_behind()
         self._drop_window()
         self._add_staged(staged)
+        self._snapshot_wanted = False  # (what a replica asked for meanwhile: this one serves)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
         await anyio.to_thread.run_sync(self._save_state)
@@ -915,7 +928,7 @@ class Replicator:
                 # (The index reads are one pread of 136 bytes: done right here,
                 # not in a worker thread, as each hop to a worker and back is a
                 # GIL hand-off that busy app threads can delay by milliseconds.)
-                if capture.checkpointer_waiting():
+                if capture.position is not None and capture.checkpointer_waiting():
                     await self._give_way()
                 looked = time.monotonic_ns()
                 replaced = capture.replaced()
@@ -924,7 +937,7 @@ class Replicator:
                         return
                     await self._sleep(opts.poll_interval)
                     continue
-                if capture.position is None:  # reopened on a new file
+                if capture.position is None:  # reopened on a new file, or continuity lost
                     asked = time.monotonic_ns()
                     await self._new_generation()
                     self._set_checked(asked)
@@ -951,16 +964,26 @@ class Replicator:
                         self._error = None
             except ContinuityLost as exc:
                 log.warning("%s: continuity lost (%s); starting a new generation", self.database, exc)
-                await self._new_generation()
-                self._kick_all()
+                # Started at the top of the loop, where a full staging disk
+                # is reported and retried like any failed capture.
+                capture.position = None
                 continue
             except CaptureRetry as exc:
+                if stopping and time.monotonic() >= self._stop_deadline:
+                    # (A view that stays inconsistent, e.g. the -wal deleted
+                    # under the app, must not keep stop() from returning.)
+                    log.warning(
+                        "%s: stopping without capturing what follows txid %d: %s",
+                        self.database,
+                        self._txid,
+                        exc,
+                    )
+                    return
                 retries += 1
                 if retries >= 120:  # about two minutes without a consistent view
                     log.warning("%s: %s, %d times; starting a new generation", self.database, exc, retries)
                     retries = 0
-                    await self._new_generation()
-                    self._kick_all()
+                    capture.position = None
                     continue
                 log.debug("%s: capture again: %s", self.database, exc)
                 await anyio.sleep(backoff)
@@ -1212,7 +1235,9 @@ class Replicator:
         assert capture is not None
         asked = time.monotonic_ns()
         staged = await anyio.to_thread.run_sync(
-            lambda: capture.give_way(self._staging, self._gen(), on_staged=self._record_segment)
+            lambda: capture.give_way(
+                self._staging, self._gen(), on_staged=self._record_segment, max_bytes=self._piece_bytes
+            )
         )
         if staged is not None:
             self._set_checked(asked)

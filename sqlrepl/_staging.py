@@ -144,7 +144,10 @@ class Staging:
             os.replace(tmp, path)
             fsync_dir(folder)
         except BaseException:
-            f.close()
+            # (Closing flushes again, and on a full disk fails again: the
+            # temporary, which holds what room there was, must go anyway.)
+            with suppress(OSError):
+                f.close()
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
@@ -206,10 +209,12 @@ class Staging:
         try:
             yield f, finish
         finally:
-            f.close()
-            if not done:
-                with suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            try:
+                f.close()  # (after a failed write this fails too: see atomic_file)
+            finally:
+                if not done:
+                    with suppress(FileNotFoundError):
+                        os.unlink(tmp)
 
     def make_durable(self, path: str) -> None:
         """Finish what ``finish(key, sync=False)`` left: fsync the object and

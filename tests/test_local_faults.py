@@ -1,5 +1,6 @@
 """Local faults under a running app: the staging disk fills up, the database
-file is replaced. Replication must not wedge, and must say what happened."""
+file is replaced, the -wal file is deleted. Replication must not wedge (nor
+stop() hang), and must say what happened."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ conn.close()
 t0 = time.monotonic()
 sqlrepl.stop_all(timeout=10)
 print(f"stopped in {time.monotonic() - t0:.1f}s", flush=True)
+left = [name for _, _, files in os.walk(staging) for name in files if name.startswith(".tmp-")]
+print("temporaries left:", left, flush=True)
 """
 
 
@@ -96,8 +99,8 @@ def _in_private_tmpfs(folder: Path, size: str, script: str, *args: str, timeout:
 def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
     """Staging on a full 8 MiB filesystem while about 6 MB is committed; then
     3 MiB is freed, less than the backlog: the error is in status(), capture
-    goes on in pieces that fit, sync() returns and the replica restores equal
-    to the live database."""
+    goes on in pieces that fit, sync() returns, no temporary file is left
+    behind and the replica restores equal to the live database."""
     db = tmp_path / "app.db"
     staging = Path(str(db) + "-sqlrepl")
     staging.mkdir()
@@ -112,6 +115,9 @@ def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) 
     assert "error after: None" in out
     assert "stopped in" in out
     assert "did not stop" not in out
+    # Each write that met the full disk removed its temporary (which holds
+    # the room freed: a leak of them wedged replication for good).
+    assert "temporaries left: []" in out, out
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
@@ -206,3 +212,270 @@ def test_database_replaced_under_a_running_app(
     restored = tmp_path / "restored-after.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+GIVE_WAY_ON_FULL_STAGING = r"""
+import errno, os, sqlite3, sys, threading, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+from sqlrepl import _wal
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+size = os.path.getsize(filler)
+for i in range(700):  # about 5.7 MB of incompressible pages
+    conn.execute("INSERT INTO t(v) VALUES (randomblob(8000))")
+    conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+# Another connection's TRUNCATE checkpoint waits for sqlrepl's pin, which
+# holds the uncopied backlog...
+result = []
+ckpt = sqlite3.connect(db, timeout=90, isolation_level=None, check_same_thread=False)
+truncate = lambda: result.append(ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+thread = threading.Thread(target=truncate)
+thread.start()
+shm = _wal.long_lived_fd(db + "-shm")
+while not _wal.checkpointer_waiting(shm):
+    assert time.monotonic() < deadline and not result, result
+    time.sleep(0.005)
+print("checkpoint waiting", flush=True)
+# ...and then room comes back, less than the backlog.
+os.truncate(filler, max(0, size - (3 << 20)))
+thread.join(180)
+print("checkpoint", result, flush=True)
+sqlrepl.sync(db, timeout=120)
+print("synced", sqlrepl.status(db).generation, flush=True)
+ckpt.close()
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
+    """Another connection's TRUNCATE checkpoint waits while the staging disk
+    is full and the uncopied backlog is larger than the room that comes back:
+    sqlrepl copies it in pieces that fit, so the checkpoint completes within
+    its busy timeout, in the same generation, and the replica restores equal."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", GIVE_WAY_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "checkpoint waiting" in out
+    assert "checkpoint [(0, 0, 0)]" in out, out
+    assert "synced" in out
+    assert "did not stop" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+NEW_GENERATION_ON_FULL_STAGING = r"""
+import errno, os, sqlite3, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+first = sqlrepl.status(db).generation
+conn.close()
+sqlrepl.stop_all(timeout=10)
+# Written while sqlrepl is not running: the next start needs a new generation.
+plain = sqlite3.connect(db, isolation_level=None)
+plain.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
+plain.close()
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+print("role", sqlrepl.status(db).role, flush=True)
+os.unlink(filler)
+sqlrepl.sync(db, timeout=120)
+print("synced", sqlrepl.status(db).generation != first, flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path) -> None:
+    """The app starts while the staging disk is full and the database changed
+    while sqlrepl was not running, so the new generation's snapshot finds no
+    room: the replicator reports it and keeps trying (it does not fail for
+    good), and once room comes back sync() returns and the replica restores
+    equal to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", NEW_GENERATION_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "role replicating" in out, out
+    assert "synced True" in out, out
+    assert "crashed" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+CONTINUITY_LOST_ON_FULL_STAGING = r"""
+import errno, os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+from sqlrepl import _capture
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+first = sqlrepl.status(db).generation
+filler = os.path.join(staging, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+# The next capture finds continuity lost (as after a WAL reset it cannot
+# prove), so the new generation's snapshot meets the full disk.
+real = _capture.Capture.capture
+def lost(self, *args, **kwargs):
+    _capture.Capture.capture = real
+    raise _capture.ContinuityLost("injected by the test")
+_capture.Capture.capture = lost
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    time.sleep(0.05)
+print("role", sqlrepl.status(db).role, flush=True)
+os.unlink(filler)
+sqlrepl.sync(db, timeout=120)
+print("synced", sqlrepl.status(db).generation != first, flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_continuity_lost_on_a_full_staging_disk_waits_for_room(tmp_path: Path) -> None:
+    """Continuity is lost while the staging disk is full, so the new
+    generation's snapshot finds no room: the replicator reports it and keeps
+    trying rather than failing for good, and once room comes back sync()
+    returns in the new generation and the replica restores equal."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    out = _in_private_tmpfs(
+        staging, "8m", CONTINUITY_LOST_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
+    )
+    assert "role replicating" in out, out
+    assert "synced True" in out, out
+    assert "crashed" not in out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+STOP_WITHOUT_WAL = r"""
+import logging, os, sys, threading, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url, wait_for = sys.argv[1], sys.argv[2], sys.argv[4]
+seen = threading.Event()
+class Watch(logging.Handler):
+    def emit(self, record):
+        if wait_for and wait_for in record.getMessage():
+            seen.set()
+logging.getLogger("sqlrepl").addHandler(Watch())
+conn = sqlrepl.connect(db, url, options=fast_options(exit_timeout=2.0))
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+rep = sqlrepl.get_replicator(db)
+# The app's connection goes on writing into the deleted -wal (SQLite keeps
+# it open); sqlrepl can no longer read what the wal-index says is there.
+os.unlink(db + "-wal")
+conn.execute("INSERT INTO t(v) VALUES ('unreadable')")
+conn.commit()
+if wait_for:
+    assert seen.wait(600), "never logged: " + wait_for
+    print("seen", flush=True)
+rep.stop(timeout=2.0)  # waits 2 s, plus a 5 s grace period for the thread
+print("role", rep.status.role, flush=True)
+os._exit(0)  # (a replicator thread still running must not hold the process)
+"""
+
+
+def _stop_without_wal(tmp_path: Path, wait_for: str) -> str:
+    db = str(tmp_path / "app.db")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            STOP_WITHOUT_WAL,
+            db,
+            file_url(tmp_path / "replica"),
+            str(Path(__file__).parent),
+            wait_for,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_stop_returns_while_captures_keep_failing(tmp_path: Path) -> None:
+    """Every capture fails ("WAL header does not match the wal-index") once
+    the -wal file is deleted: stop() still ends the replicator."""
+    out = _stop_without_wal(tmp_path, "")
+    assert "role stopped" in out, out
+    assert "did not stop" not in out
+
+
+def test_stop_returns_while_a_new_generation_keeps_failing(tmp_path: Path) -> None:
+    """After two minutes of failed captures the replicator tries a new
+    generation, whose snapshot fails the same way: stop() still ends it."""
+    out = _stop_without_wal(tmp_path, "times; starting a new generation")
+    assert "seen" in out
+    assert "role stopped" in out, out
+    assert "did not stop" not in out

@@ -330,3 +330,10 @@ def test_check_interval_must_be_positive() -> None:
     """A check interval of zero or less is refused, naming the option."""
     with pytest.raises(sqlrepl.ConfigError, match="replica_check_interval"):
         sqlrepl.Options(replica_check_interval=0)
+
+
+def test_check_interval_must_not_be_nan() -> None:
+    """A NaN check interval (which made every uploader spin: no wait ever
+    lasted) is refused, naming the option."""
+    with pytest.raises(sqlrepl.ConfigError, match="replica_check_interval"):
+        sqlrepl.Options(replica_check_interval=float("nan"))
