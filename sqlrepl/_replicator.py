@@ -55,8 +55,8 @@ from ._errors import (
     SyncTimeoutError,
     WalModeError,
 )
+from ._lifecycle import compaction_runs, group_generations, plan_retention, snapshot_due
 from ._replica import ReplicaClient, open_replica, redact_url
-from ._restore import Generation, group_generations
 from ._staging import Staging
 
 # Imported here, in whatever thread imports sqlrepl, rather than lazily by
@@ -124,6 +124,9 @@ class Options:
     - ``exit_timeout``: at interpreter exit, wait this long for pending
       uploads.
     - ``busy_timeout``: SQLite busy timeout of the replicator's connections.
+    - ``clock``: the wall clock, in seconds since the epoch (``time.time``):
+      the timestamps in keys and the schedules of snapshots, compaction and
+      retention read it. Tests give one they can move.
     """
 
     sync_interval: float = 1.0
@@ -142,6 +145,7 @@ class Options:
     exit_timeout: float = 10.0
     busy_timeout: float = 5.0
     retry_max: float = 30.0
+    clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         for name in ("sync_interval", "poll_interval", "exit_timeout", "busy_timeout", "retry_max"):
@@ -267,7 +271,10 @@ class Replicator:
         self._last_release = 0.0
         self._since_snapshot_bytes = 0
         self._since_snapshot_count = 0
-        self._last_snapshot_time = time.time()
+        self._last_snapshot_time = self.options.clock()
+        self._snapshot_txids: list[int] = []  # of the current generation: compaction is cut there
+        self._maintain_asked = 0
+        self._maintain_done = 0
         self._soft_warned = False
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
@@ -502,7 +509,7 @@ class Replicator:
             self._role = "starting"
         self._staging.remove_temp_files()
         self._open_nudge_socket()
-        capture = Capture(self.database, busy_timeout=self.options.busy_timeout)
+        capture = Capture(self.database, busy_timeout=self.options.busy_timeout, clock=self.options.clock)
         try:
             await anyio.to_thread.run_sync(capture.open)
         except (WalModeError, FileNotFoundError) as exc:
@@ -639,7 +646,8 @@ class Replicator:
             self._txid = capture.txid
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
-            self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))
+            self._last_snapshot_time = float(state.get("last_snapshot_time", self.options.clock()))
+            self._snapshot_txids = [int(t) for t in state.get("snapshot_txids", [])]
             # Staged objects past the recorded position were written just
             # before a crash; they will be captured again.
             for obj in list(self._staged):
@@ -648,14 +656,33 @@ class Replicator:
                     self._staged.remove(obj)
             log.info("%s continues generation %s at txid %d", self.database, self._generation, self._txid)
         else:
-            if state is not None:
-                capture.txid = int(state.get("txid", 0))
+            # txids grow across a replica's generations: continue after the
+            # highest one known here, after a restore, or in the replicas.
+            known = int(state.get("txid", 0)) if state is not None else 0
+            capture.txid = max(known, self._staging.restored_txid(), await self._replica_txid())
             log.info("%s starts a new generation: %s", self.database, reason)
             asked = time.monotonic_ns()  # before the snapshot reads the WAL index
             await self._new_generation()
             self._set_checked(asked)
         # When continuing, frames past the position are captured by the first
         # pass of the capture loop, which records what it has seen.
+
+    async def _replica_txid(self) -> int:
+        """The highest txid any replica holds (one LIST each, at the start of
+        a generation only). A replica that cannot be listed in time counts
+        0: a new generation is not held up by a failing store."""
+        highest = 0
+        for client in self._clients:
+            try:
+                with anyio.fail_after(10.0):
+                    gens = group_generations(await client.list(_format.GENERATIONS))
+            except (Exception, TimeoutError) as exc:
+                log.warning(
+                    "cannot list %s to continue its txids (%s); they may restart lower", client.url, exc
+                )
+                continue
+            highest = max([highest] + [g.last_txid for g in gens])
+        return highest
 
     async def _new_generation(self) -> None:
         capture = self._capture
@@ -672,7 +699,8 @@ class Replicator:
         self._drop_window()
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
-        self._last_snapshot_time = time.time()
+        self._last_snapshot_time = self.options.clock()
+        self._snapshot_txids = [self._txid]
         await anyio.to_thread.run_sync(self._save_state)
 
     def _save_state(self) -> None:
@@ -684,6 +712,7 @@ class Replicator:
                 "since_snapshot_bytes": self._since_snapshot_bytes,
                 "since_snapshot_count": self._since_snapshot_count,
                 "last_snapshot_time": self._last_snapshot_time,
+                "snapshot_txids": self._snapshot_txids,
             }
         )
 
@@ -731,6 +760,7 @@ class Replicator:
                     await self._snapshot()
                 if self._compaction_due():
                     await self._compact()
+                await self._maintain_if_asked()
                 frames = capture.wal_frames()
                 if frames >= opts.checkpoint_frames:
                     await self._checkpoint(restart=frames >= opts.wal_restart_frames)
@@ -900,13 +930,15 @@ class Replicator:
         with the last snapshot snapshotted it again and again as it grew
         (twice its final size uploaded, found by the benchmarks).
         """
-        if self._since_snapshot_count == 0:
-            return False
         assert self._capture is not None
-        db_bytes = self._capture.db_size * self._capture.page_size
-        if self._since_snapshot_bytes >= max(db_bytes, 1 << 20):
-            return True
-        return time.time() - self._last_snapshot_time >= self.options.snapshot_interval
+        return snapshot_due(
+            since_count=self._since_snapshot_count,
+            since_bytes=self._since_snapshot_bytes,
+            db_bytes=self._capture.db_size * self._capture.page_size,
+            last_snapshot_s=self._last_snapshot_time,
+            now_s=self.options.clock(),
+            interval_s=self.options.snapshot_interval,
+        )
 
     async def _snapshot(self) -> None:
         capture = self._capture
@@ -917,7 +949,10 @@ class Replicator:
         self._snapshot_wanted = False
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
-        self._last_snapshot_time = time.time()
+        self._last_snapshot_time = self.options.clock()
+        # Only the ones the compaction window may still reach are kept.
+        oldest = self._window[0].first if self._window else self._txid
+        self._snapshot_txids = [t for t in self._snapshot_txids if t >= oldest] + [self._txid]
         await anyio.to_thread.run_sync(self._save_state)
         self._kick_all()
 
@@ -1100,23 +1135,26 @@ class Replicator:
             return False
         if sum(o.page_bytes for o in self._window) >= opts.compaction_max_bytes:
             return True
-        return time.time() * 1000 - self._window[0].timestamp_ms >= opts.compaction_interval * 1000
+        return opts.clock() * 1000 - self._window[0].timestamp_ms >= opts.compaction_interval * 1000
 
     async def _compact(self) -> None:
-        """Merge the window into one segment, staged for every replica."""
+        """Merge the window into segments staged for every replica: one per
+        run between snapshots (no merged segment spans a snapshot, see
+        ``_lifecycle``)."""
         window, self._window = self._window, []
-        if len(window) >= 2:
+        runs = compaction_runs([(o.first, o.last) for o in window], self._snapshot_txids)
+        for run in ([window[i] for i in idx] for idx in runs if len(idx) >= 2):
             try:
-                key = await anyio.to_thread.run_sync(self._stage_merged, window, self._staging.compacted)
+                key = await anyio.to_thread.run_sync(self._stage_merged, run, self._staging.compacted)
             except Exception as exc:  # a bad window is not worth stopping for
-                log.error("compaction of txids %d-%d failed: %s", window[0].first, window[-1].last, exc)
-            else:
-                obj = self._obj_from_key(key, compacted=True)
-                assert obj is not None
-                if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
-                    self._staged.append(obj)
-                self._staged.sort(key=lambda o: o.order)
-                self._kick_all()
+                log.error("compaction of txids %d-%d failed: %s", run[0].first, run[-1].last, exc)
+                continue
+            obj = self._obj_from_key(key, compacted=True)
+            assert obj is not None
+            if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
+                self._staged.append(obj)
+            self._staged.sort(key=lambda o: o.order)
+            self._kick_all()
         for obj in window:
             self._staging.remove_object(obj.key, self._staging.window)
 
@@ -1219,63 +1257,72 @@ class Replicator:
             return
         await anyio.sleep(min(60.0, self.options.retention_check_interval))
         while True:
-            for r in self._replicas:
-                if r.last_error is None and r.generation == self._generation:
-                    try:
-                        await self._apply_retention(r)
-                    except ReplicaError as exc:
-                        log.info("retention on %s skipped: %s", r.url, exc)
+            await self._retention_pass()
             await anyio.sleep(self.options.retention_check_interval)
 
-    async def _apply_retention(self, r: _Replica) -> None:
-        now = time.time()
-        retention = self.options.retention
-        horizon = int((now - retention) * 1000) if retention is not None else -1
-        gens = group_generations(await r.client.list(_format.GENERATIONS))
-        doomed: list[str] = []
-        for gen in gens:
-            if gen.id == self._generation:
-                doomed += self._covered_segments(gen, now)
-            if gen.id == self._generation and retention is not None:
-                # Keep the newest snapshot at or before the horizon and all after it.
-                old = [k for k, _ in gen.snapshots if k.timestamp_ms <= horizon]
-                if len(old) < 1:
-                    continue
-                base = max(old, key=lambda k: k.txid)
-                doomed += [k.key for k, _ in gen.snapshots if k.txid < base.txid]
-                doomed += [k.key for k, _ in gen.segments if k.last_txid <= base.txid]
-            elif (
-                retention is not None
-                and gen.last_timestamp_ms < horizon
-                and gen.id < (self._generation or "")
-            ):
-                doomed += [k.key for k, _ in gen.snapshots] + [k.key for k, _ in gen.segments]
-        doomed = sorted(set(doomed))
-        for i in range(0, len(doomed), 1000):
-            await r.client.delete(doomed[i : i + 1000])
-        if doomed:
-            log.info("retention removed %d objects from %s", len(doomed), r.url)
+    async def _retention_pass(self) -> None:
+        for r in self._replicas:
+            if r.last_error is None and r.generation == self._generation:
+                try:
+                    await self._apply_retention(r)
+                except ReplicaError as exc:
+                    log.info("retention on %s skipped: %s", r.url, exc)
 
-    def _covered_segments(self, gen: Generation, now: float) -> list[str]:
-        """Small segments of ``gen`` that a merged segment covers and that
-        are older than ``segment_retention``."""
-        keep_for = self.options.segment_retention
-        if keep_for is None:
-            return []
-        limit = int((now - keep_for) * 1000)
-        merged = [k for k, _ in gen.segments if k.last_txid > k.first_txid]
-        out = []
-        for k, _ in gen.segments:
-            if k.timestamp_ms > limit:
-                continue
-            if any(
-                m.first_txid <= k.first_txid
-                and k.last_txid <= m.last_txid
-                and (m.first_txid, m.last_txid) != (k.first_txid, k.last_txid)
-                for m in merged
-            ):
-                out.append(k.key)
-        return out
+    async def _apply_retention(self, r: _Replica) -> None:
+        opts = self.options
+        plan = plan_retention(
+            group_generations(await r.client.list(_format.GENERATIONS)),
+            current=self._generation,
+            now_ms=int(opts.clock() * 1000),
+            retention_ms=None if opts.retention is None else int(opts.retention * 1000),
+            segment_retention_ms=None
+            if opts.segment_retention is None
+            else int(opts.segment_retention * 1000),
+        )
+        if plan.problem is not None:
+            log.error("replica %s: %s", r.url, plan.problem)
+        for i in range(0, len(plan.delete), 1000):
+            await r.client.delete(plan.delete[i : i + 1000])
+        if plan.delete:
+            log.info("retention removed %d objects from %s", len(plan.delete), r.url)
+
+    async def _maintain_if_asked(self) -> None:
+        """Run the retention pass :meth:`_maintain_now` asked for (the
+        loop has just snapshotted and compacted what was due)."""
+        with self._cond:
+            asked = self._maintain_asked
+        if asked == self._maintain_done:
+            return
+        await self._retention_pass()
+        with self._cond:
+            self._maintain_done = asked
+            self._cond.notify_all()
+
+    def _maintain_now(self, timeout: float = 60.0) -> None:
+        """Capture, snapshot and compact what is due by ``options.clock`` and
+        run one retention pass now, and return once it is done (the merged
+        segments are staged, not necessarily uploaded: ``sync()`` and
+        ``status`` tell). For tests that move the clock; thread-safe."""
+        with self._cond:
+            self._maintain_asked += 1
+            want = self._maintain_asked
+            self._sync_requests += 1
+        self._wake()
+        deadline = time.monotonic() + timeout
+        try:
+            with self._cond:
+                while self._maintain_done < want:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._role in ("stopped", "failed"):
+                        raise SyncTimeoutError(f"maintenance of {self.database} not done ({self._role})")
+                    self._cond.wait(min(left, 0.2))
+        finally:
+            with self._cond:
+                self._sync_requests -= 1
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
 
 
 # -- the per-process registry -----------------------------------------------------
