@@ -275,6 +275,7 @@ class Replicator:
         self._snapshot_txids: list[int] = []  # of the current generation: compaction is cut there
         self._maintain_asked = 0
         self._maintain_done = 0
+        self._maintain_retention = True
         self._soft_warned = False
         self._nudge_sock: socket.socket | None = None
         self._peer_nudge_at = 0.0
@@ -950,8 +951,11 @@ class Replicator:
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = self.options.clock()
-        # Only the ones the compaction window may still reach are kept.
-        oldest = self._window[0].first if self._window else self._txid
+        # Only the ones a future compaction window may still reach are kept.
+        pending = [
+            o for o in self._window + self._staged if o.kind == _SEGMENT and o.generation == self._generation
+        ]
+        oldest = min((o.first for o in pending), default=self._txid)
         self._snapshot_txids = [t for t in self._snapshot_txids if t >= oldest] + [self._txid]
         await anyio.to_thread.run_sync(self._save_state)
         self._kick_all()
@@ -1290,21 +1294,24 @@ class Replicator:
         """Run the retention pass :meth:`_maintain_now` asked for (the
         loop has just snapshotted and compacted what was due)."""
         with self._cond:
-            asked = self._maintain_asked
+            asked, retention = self._maintain_asked, self._maintain_retention
         if asked == self._maintain_done:
             return
-        await self._retention_pass()
+        if retention:
+            await self._retention_pass()
         with self._cond:
             self._maintain_done = asked
             self._cond.notify_all()
 
-    def _maintain_now(self, timeout: float = 60.0) -> None:
-        """Capture, snapshot and compact what is due by ``options.clock`` and
-        run one retention pass now, and return once it is done (the merged
-        segments are staged, not necessarily uploaded: ``sync()`` and
-        ``status`` tell). For tests that move the clock; thread-safe."""
+    def _maintain_now(self, *, retention: bool = True, timeout: float = 60.0) -> None:
+        """Capture, snapshot and compact what is due by ``options.clock``
+        and (with ``retention``) run one retention pass now; return once it
+        is done (merged segments are staged, not necessarily uploaded:
+        ``sync()`` and ``status`` tell). For tests that move the clock;
+        thread-safe, one caller at a time."""
         with self._cond:
             self._maintain_asked += 1
+            self._maintain_retention = retention
             want = self._maintain_asked
             self._sync_requests += 1
         self._wake()
