@@ -11,8 +11,9 @@ at or before it, exact while its merged segment is younger than
 ``segment_retention``.
 
 CI runs 3 sequences of 30 steps. A long run: ``SQLREPL_MODEL_EXAMPLES=2000
-SQLREPL_MODEL_STEPS=60``, with ``SQLREPL_MODEL_REPORT=path`` to write the
-figures (sequences, steps, restores checked) as JSON after each sequence.
+SQLREPL_MODEL_STEPS=60`` and pytest's ``--timeout 0`` (the whole run is one
+test), with ``SQLREPL_MODEL_REPORT=path`` to write the figures (sequences,
+steps, restores checked) as JSON after each sequence.
 """
 
 from __future__ import annotations
