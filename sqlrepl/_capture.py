@@ -128,11 +128,14 @@ class Capture:
     open, SQLite then checkpoints and deletes the WAL, so flush first).
     """
 
-    def __init__(self, database: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, database: str, *, busy_timeout: float = 5.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.database = os.path.abspath(database)
         self.wal_path = self.database + "-wal"
         self.shm_path = self.database + "-shm"
         self._busy_timeout = busy_timeout
+        self._clock = clock  # timestamps of objects
         self._pins: list[sqlite3.Connection] = []
         self._spare: list[sqlite3.Connection] = []
         self._ckpt: sqlite3.Connection | None = None
@@ -547,7 +550,7 @@ class Capture:
         with staging.temp_object() as (f, finish):
             writer = ObjectWriter(f, self.page_size)
             hashes, checksum, size = self._scan(frame, hdr, size, writer.add)
-            now = int(time.time() * 1000)
+            now = int(self._clock() * 1000)
             header = writer.finish(
                 kind=_format.KIND_SNAPSHOT,
                 first_txid=txid,
@@ -689,7 +692,7 @@ class Capture:
                     post ^= old ^ h
                     updates.append((pgno, h))
                     writer.add(pgno, page)
-            now = int(time.time() * 1000)
+            now = int(self._clock() * 1000)
             header = writer.finish(
                 kind=_format.KIND_SEGMENT,
                 first_txid=self.txid + 1,

@@ -78,6 +78,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             generation=args.generation,
             parallelism=args.parallelism,
             progress=progress,
+            fallback=args.fallback,
         )
     if result is None:
         why = "the database exists" if os.path.exists(output) else "the replica is empty"
@@ -260,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--timestamp", help="restore the newest state at or before this time (ISO 8601)")
     p.add_argument("--generation", help="restore from this generation (default: the newest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    p.add_argument(
+        "--fallback",
+        action="store_true",
+        help="when the newest generation cannot be restored (its snapshot is gone, a segment missing),"
+        " restore the newest older state that can be, without the newer commits (default: fail)",
+    )
     p.add_argument(
         "--if-db-exists-error",
         dest="if_db_not_exists_error",

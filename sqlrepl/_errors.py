@@ -122,6 +122,14 @@ class PointInTimeError(RestoreError):
     """No restorable state matches the requested txid or timestamp."""
 
 
+class GenerationUnrestorableError(RestoreError):
+    """The generation that holds the asked state (by default the newest) has
+    objects in the replica but cannot be restored (its snapshot is gone, or
+    a segment of its chain is missing), while an older state could be.
+    Restoring that older state would silently drop acknowledged commits, so
+    it is done only when asked (``fallback=True``, ``--fallback``)."""
+
+
 class SyncTimeoutError(SqlreplError, TimeoutError):
     """``sync()`` (or a commit with ``durability="replicated"``) did not see
     every replica catch up within the timeout. The data is committed locally

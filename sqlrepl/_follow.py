@@ -65,8 +65,9 @@ from ._errors import (
     RestoreError,
 )
 from ._format import HEADER_SIZE, SegmentKey, page_hash, read_header
+from ._lifecycle import Generation, group_generations
 from ._replica import ReplicaClient, open_replica
-from ._restore import Generation, group_generations, restore_async
+from ._restore import restore_async
 from ._staging import fsync_dir, staging_dir_for
 from ._wal import lock_page
 

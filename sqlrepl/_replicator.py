@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio  # noqa: F401 - imported early on purpose, see below
 import contextlib
 import errno
+import functools
 import importlib
 import json
 import logging
@@ -57,8 +58,8 @@ from ._errors import (
     SyncTimeoutError,
     WalModeError,
 )
+from ._lifecycle import compaction_runs, group_generations, plan_retention, snapshot_due
 from ._replica import ReplicaClient, open_replica, redact_url
-from ._restore import Generation, group_generations
 from ._staging import Staging
 from ._verify import Verification, verify_replica
 from ._watch import ReplicaWatch, WatchView, load_writer_id
@@ -148,6 +149,9 @@ class Options:
       that each replica restores to the database's checksum at its newest
       txid (reads the replica's restore chain; see ``sqlrepl._verify``), and
       report it in ``status()``; ``None`` (default): never.
+    - ``clock``: the wall clock, in seconds since the epoch (``time.time``):
+      the timestamps in keys and the schedules of snapshots, compaction and
+      retention read it. Tests give one they can move.
     """
 
     sync_interval: float = 1.0
@@ -169,6 +173,7 @@ class Options:
     retry_max: float = 30.0
     replica_check_interval: float = 60.0
     verify_interval: float | None = None
+    clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         if self.verify_interval is not None and (
@@ -352,7 +357,11 @@ class Replicator:
         self._last_release = 0.0
         self._since_snapshot_bytes = 0
         self._since_snapshot_count = 0
-        self._last_snapshot_time = time.time()
+        self._last_snapshot_time = self.options.clock()
+        self._snapshot_txids: list[int] = []  # of the current generation: compaction is cut there
+        self._maintain_asked = 0
+        self._maintain_done = 0
+        self._maintain_retention = True
         self._soft_warned = False
         # A full staging disk (see _out_of_space): pieces shrink, the
         # compaction window is given up and periodic snapshots wait.
@@ -685,7 +694,7 @@ class Replicator:
             self._role = "starting"
         self._staging.remove_temp_files()
         self._open_nudge_socket()
-        capture = Capture(self.database, busy_timeout=self.options.busy_timeout)
+        capture = Capture(self.database, busy_timeout=self.options.busy_timeout, clock=self.options.clock)
         try:
             await anyio.to_thread.run_sync(capture.open)
         except (WalModeError, FileNotFoundError) as exc:
@@ -832,7 +841,8 @@ class Replicator:
             self._remember_checksum()
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
-            self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))
+            self._last_snapshot_time = float(state.get("last_snapshot_time", self.options.clock()))
+            self._snapshot_txids = [int(t) for t in state.get("snapshot_txids", [])]
             # Staged objects past the recorded position were written just
             # before a crash; they will be captured again.
             for obj in list(self._staged):
@@ -841,8 +851,10 @@ class Replicator:
                     self._staged.remove(obj)
             log.info("%s continues generation %s at txid %d", self.database, self._generation, self._txid)
         else:
-            if state is not None:
-                capture.txid = int(state.get("txid", 0))
+            # txids grow across a replica's generations: continue after the
+            # highest one known here, after a restore, or in the replicas.
+            known = int(state.get("txid", 0)) if state is not None else 0
+            capture.txid = max(known, self._staging.restored_txid(), await self._replica_txid())
             log.info("%s starts a new generation: %s", self.database, reason)
             asked = time.monotonic_ns()  # before the snapshot reads the WAL index
             try:
@@ -859,6 +871,23 @@ class Replicator:
             self._set_checked(asked)
         # When continuing, frames past the position are captured by the first
         # pass of the capture loop, which records what it has seen.
+
+    async def _replica_txid(self) -> int:
+        """The highest txid any replica holds (one LIST each, at the start of
+        a generation only). A replica that cannot be listed in time counts
+        0: a new generation is not held up by a failing store."""
+        highest = 0
+        for client in self._clients:
+            try:
+                with anyio.fail_after(10.0):
+                    gens = group_generations(await client.list(_format.GENERATIONS))
+            except (Exception, TimeoutError) as exc:
+                log.warning(
+                    "cannot list %s to continue its txids (%s); they may restart lower", client.url, exc
+                )
+                continue
+            highest = max([highest] + [g.last_txid for g in gens])
+        return highest
 
     async def _new_generation(self) -> None:
         capture = self._capture
@@ -883,7 +912,8 @@ class Replicator:
         self._add_staged(staged)
         self._snapshot_wanted = False  # (what a replica asked for meanwhile: this one serves)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
-        self._last_snapshot_time = time.time()
+        self._last_snapshot_time = self.options.clock()
+        self._snapshot_txids = [self._txid]
         await anyio.to_thread.run_sync(self._save_state)
 
     def _save_state(self) -> None:
@@ -895,6 +925,7 @@ class Replicator:
                 "since_snapshot_bytes": self._since_snapshot_bytes,
                 "since_snapshot_count": self._since_snapshot_count,
                 "last_snapshot_time": self._last_snapshot_time,
+                "snapshot_txids": self._snapshot_txids,
             }
         )
 
@@ -955,6 +986,7 @@ class Replicator:
                     await self._snapshot()
                 if self._compaction_due():
                     await self._compact()
+                await self._maintain_if_asked()
                 frames = capture.wal_frames()
                 if frames >= opts.checkpoint_frames:
                     await self._checkpoint(restart=frames >= opts.wal_restart_frames)
@@ -1256,10 +1288,14 @@ class Replicator:
         if self._since_snapshot_count == 0 or time.monotonic() < self._snapshot_after:
             return False
         assert self._capture is not None
-        db_bytes = self._capture.db_size * self._capture.page_size
-        if self._since_snapshot_bytes >= max(db_bytes, 1 << 20):
-            return True
-        return time.time() - self._last_snapshot_time >= self.options.snapshot_interval
+        return snapshot_due(
+            since_count=self._since_snapshot_count,
+            since_bytes=self._since_snapshot_bytes,
+            db_bytes=self._capture.db_size * self._capture.page_size,
+            last_snapshot_s=self._last_snapshot_time,
+            now_s=self.options.clock(),
+            interval_s=self.options.snapshot_interval,
+        )
 
     async def _snapshot(self) -> None:
         capture = self._capture
@@ -1285,9 +1321,15 @@ class Replicator:
         self._snapshots += 1
         self._add_staged(staged)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
-        self._last_snapshot_time = time.time()
+        self._last_snapshot_time = self.options.clock()
         self._snapshot_after, self._snapshot_delay = 0.0, 10.0
         self._space_back()
+        # Only the ones a future compaction window may still reach are kept.
+        pending = [
+            o for o in self._window + self._staged if o.kind == _SEGMENT and o.generation == self._generation
+        ]
+        oldest = min((o.first for o in pending), default=self._txid)
+        self._snapshot_txids = [t for t in self._snapshot_txids if t >= oldest] + [self._txid]
         await anyio.to_thread.run_sync(self._save_state)
         self._kick_all()
 
@@ -1525,24 +1567,27 @@ class Replicator:
             return False
         if sum(o.page_bytes for o in self._window) >= opts.compaction_max_bytes:
             return True
-        return time.time() * 1000 - self._window[0].timestamp_ms >= opts.compaction_interval * 1000
+        return opts.clock() * 1000 - self._window[0].timestamp_ms >= opts.compaction_interval * 1000
 
     async def _compact(self) -> None:
-        """Merge the window into one segment, staged for every replica."""
+        """Merge the window into segments staged for every replica: one per
+        run between snapshots (no merged segment spans a snapshot, see
+        ``_lifecycle``)."""
         window, self._window = self._window, []
-        if len(window) >= 2:
+        runs = compaction_runs([(o.first, o.last) for o in window], self._snapshot_txids)
+        for run in ([window[i] for i in idx] for idx in runs if len(idx) >= 2):
             self._compactions += 1
             try:
-                key = await anyio.to_thread.run_sync(self._stage_merged, window, self._staging.compacted)
+                key = await anyio.to_thread.run_sync(self._stage_merged, run, self._staging.compacted)
             except Exception as exc:  # a bad window is not worth stopping for
-                log.error("compaction of txids %d-%d failed: %s", window[0].first, window[-1].last, exc)
-            else:
-                obj = self._obj_from_key(key, compacted=True)
-                assert obj is not None
-                if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
-                    self._staged.append(obj)
-                self._staged.sort(key=lambda o: o.order)
-                self._kick_all()
+                log.error("compaction of txids %d-%d failed: %s", run[0].first, run[-1].last, exc)
+                continue
+            obj = self._obj_from_key(key, compacted=True)
+            assert obj is not None
+            if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
+                self._staged.append(obj)
+            self._staged.sort(key=lambda o: o.order)
+            self._kick_all()
         for obj in window:
             self._staging.remove_object(obj.key, self._staging.window)
 
@@ -1656,74 +1701,89 @@ class Replicator:
             return
         await anyio.sleep(min(60.0, self.options.retention_check_interval))
         while True:
-            for r in self._replicas:
-                if r.last_error is None and r.generation == self._generation:
-                    try:
-                        await self._apply_retention(r)
-                    except ReplicaError as exc:
-                        log.info("retention on %s skipped: %s", r.url, exc)
+            await self._retention_pass()
             await anyio.sleep(self.options.retention_check_interval)
 
+    async def _retention_pass(self) -> None:
+        for r in self._replicas:
+            if r.last_error is None and r.generation == self._generation:
+                try:
+                    await self._apply_retention(r)
+                except ReplicaError as exc:
+                    log.info("retention on %s skipped: %s", r.url, exc)
+
     async def _apply_retention(self, r: _Replica) -> None:
-        now = time.time()
-        retention = self.options.retention
-        horizon = int((now - retention) * 1000) if retention is not None else -1
+        opts = self.options
         gens = group_generations(await r.client.list(_format.GENERATIONS))
-        doomed: list[str] = []
-        spared: list[str] = []  # another writer's, or not known yet not to be
-        for gen in gens:
-            if gen.id == self._generation:
-                doomed += self._covered_segments(gen, now)
-            if gen.id == self._generation and retention is not None:
-                # Keep the newest snapshot at or before the horizon and all after it.
-                old = [k for k, _ in gen.snapshots if k.timestamp_ms <= horizon]
-                if len(old) < 1:
-                    continue
-                base = max(old, key=lambda k: k.txid)
-                doomed += [k.key for k, _ in gen.snapshots if k.txid < base.txid]
-                doomed += [k.key for k, _ in gen.segments if k.last_txid <= base.txid]
-            elif (
-                retention is not None
-                and gen.last_timestamp_ms < horizon
-                and gen.id < (self._generation or "")
-            ):
-                if r.watch is not None and not r.watch.may_retire(gen.id, self._generation):
-                    spared.append(gen.id)
-                    continue
-                doomed += [k.key for k, _ in gen.snapshots] + [k.key for k, _ in gen.segments]
-                doomed += r.watch.record_keys(gen.id) if r.watch is not None else []
-        doomed = sorted(set(doomed))
-        for i in range(0, len(doomed), 1000):
-            await r.client.delete(doomed[i : i + 1000])
-        if doomed:
-            log.info("retention removed %d objects from %s", len(doomed), r.url)
-        if spared:
+        plan = plan_retention(
+            gens,
+            current=self._generation,
+            now_ms=int(opts.clock() * 1000),
+            retention_ms=None if opts.retention is None else int(opts.retention * 1000),
+            segment_retention_ms=None
+            if opts.segment_retention is None
+            else int(opts.segment_retention * 1000),
+            may_retire=None
+            if r.watch is None
+            else functools.partial(r.watch.may_retire, current=self._generation),
+        )
+        if plan.problem is not None:
+            log.error("replica %s: %s", r.url, plan.problem)
+        delete = list(plan.delete)
+        if r.watch is not None:  # a retired generation's writer records go with it
+            gone = {g.id for g in gens if g.snapshots and all(k.key in plan.delete for k, _ in g.snapshots)}
+            delete += [k for g in sorted(gone) for k in r.watch.record_keys(g)]
+        for i in range(0, len(delete), 1000):
+            await r.client.delete(delete[i : i + 1000])
+        if delete:
+            log.info("retention removed %d objects from %s", len(delete), r.url)
+        if plan.spared:
             log.info(
                 "retention on %s spares generation(s) %s: another writer wrote or may still write them",
                 r.url,
-                ", ".join(spared),
+                ", ".join(plan.spared),
             )
 
-    def _covered_segments(self, gen: Generation, now: float) -> list[str]:
-        """Small segments of ``gen`` that a merged segment covers and that
-        are older than ``segment_retention``."""
-        keep_for = self.options.segment_retention
-        if keep_for is None:
-            return []
-        limit = int((now - keep_for) * 1000)
-        merged = [k for k, _ in gen.segments if k.last_txid > k.first_txid]
-        out = []
-        for k, _ in gen.segments:
-            if k.timestamp_ms > limit:
-                continue
-            if any(
-                m.first_txid <= k.first_txid
-                and k.last_txid <= m.last_txid
-                and (m.first_txid, m.last_txid) != (k.first_txid, k.last_txid)
-                for m in merged
-            ):
-                out.append(k.key)
-        return out
+    async def _maintain_if_asked(self) -> None:
+        """Run the retention pass :meth:`_maintain_now` asked for (the
+        loop has just snapshotted and compacted what was due)."""
+        with self._cond:
+            asked, retention = self._maintain_asked, self._maintain_retention
+        if asked == self._maintain_done:
+            return
+        if retention:
+            await self._retention_pass()
+        with self._cond:
+            self._maintain_done = asked
+            self._cond.notify_all()
+
+    def _maintain_now(self, *, retention: bool = True, timeout: float = 60.0) -> None:
+        """Capture, snapshot and compact what is due by ``options.clock``
+        and (with ``retention``) run one retention pass now; return once it
+        is done (merged segments are staged, not necessarily uploaded:
+        ``sync()`` and ``status`` tell). For tests that move the clock;
+        thread-safe, one caller at a time."""
+        with self._cond:
+            self._maintain_asked += 1
+            self._maintain_retention = retention
+            want = self._maintain_asked
+            self._sync_requests += 1
+        self._wake()
+        deadline = time.monotonic() + timeout
+        try:
+            with self._cond:
+                while self._maintain_done < want:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._role in ("stopped", "failed"):
+                        raise SyncTimeoutError(f"maintenance of {self.database} not done ({self._role})")
+                    self._cond.wait(min(left, 0.2))
+        finally:
+            with self._cond:
+                self._sync_requests -= 1
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
 
 
 # -- the per-process registry -----------------------------------------------------

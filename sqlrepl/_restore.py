@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import io
+import json
 import logging
 import os
 import queue
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import anyio.abc
@@ -41,16 +42,19 @@ from ._errors import (
     ConfigError,
     CorruptObjectError,
     DatabaseExistsError,
+    GenerationUnrestorableError,
     NoBackupError,
+    ObjectNotFoundError,
     PointInTimeError,
     ReplicaError,
     RestoreError,
     SqlreplError,
 )
 from ._format import HEADER_SIZE, SegmentKey, SnapshotKey, page_hash, read_header
+from ._lifecycle import Generation, follow_chain, group_generations
 from ._progress import Progress, ProgressCallback
-from ._replica import ObjectInfo, ReplicaClient, open_replica, redact_url
-from ._staging import fsync_dir, staging_dir_for
+from ._replica import ReplicaClient, open_replica, redact_url
+from ._staging import RESTORED_FILE, fsync_dir, staging_dir_for
 from ._wal import lock_page
 
 __all__ = [
@@ -68,49 +72,6 @@ log = logging.getLogger("sqlrepl")
 PART_SIZE = 8 << 20
 _RUN_PAGES = 256  # consecutive pages written at once
 DEFAULT_PARALLELISM = 8
-
-
-@dataclass
-class Generation:
-    """What a replica holds of one generation."""
-
-    id: str
-    snapshots: list[tuple[SnapshotKey, int]] = field(default_factory=list)  # (key, size)
-    segments: list[tuple[SegmentKey, int]] = field(default_factory=list)
-
-    @property
-    def first_timestamp_ms(self) -> int:
-        stamps = [k.timestamp_ms for k, _ in self.snapshots]
-        return min(stamps) if stamps else 0
-
-    @property
-    def last_txid(self) -> int:
-        return max([k.txid for k, _ in self.snapshots] + [k.last_txid for k, _ in self.segments], default=0)
-
-    @property
-    def last_timestamp_ms(self) -> int:
-        return max(
-            [k.timestamp_ms for k, _ in self.snapshots] + [k.timestamp_ms for k, _ in self.segments],
-            default=0,
-        )
-
-
-def group_generations(objects: Sequence[ObjectInfo]) -> list[Generation]:
-    """Generations (oldest first) from a listing of ``generations/``."""
-    gens: dict[str, Generation] = {}
-    for obj in objects:
-        parsed = _format.parse_key(obj.key)
-        if parsed is None:
-            continue
-        gen = gens.setdefault(parsed.generation, Generation(parsed.generation))
-        if isinstance(parsed, SnapshotKey):
-            gen.snapshots.append((parsed, obj.size))
-        else:
-            gen.segments.append((parsed, obj.size))
-    for gen in gens.values():
-        gen.snapshots.sort()
-        gen.segments.sort()
-    return [gens[g] for g in sorted(gens)]
 
 
 async def list_generations(client: ReplicaClient) -> list[Generation]:
@@ -153,9 +114,13 @@ def plan_restore(
     txid: int | None = None,
     timestamp: dt.datetime | float | int | str | None = None,
     replica: str = "",
+    fallback: bool = False,
 ) -> RestorePlan:
     """Choose what to restore. Raises :class:`NoBackupError` for an empty
-    replica and :class:`PointInTimeError` when nothing matches the target.
+    replica, :class:`PointInTimeError` when nothing matches the target, and
+    :class:`GenerationUnrestorableError` when the generation holding the
+    target (by default: the newest) cannot be restored, unless ``fallback``
+    allows the newest older state that can.
 
     The state restored is the newest one at or before the target that the
     replica can prove: a point in time is restored to a segment boundary
@@ -181,6 +146,17 @@ def plan_restore(
         target = f"txid {txid}" if txid is not None else f"time {timestamp}"
         raise PointInTimeError(f"replica {replica} has nothing at or before {target}")
     gen = candidates[-1]
+    if generation is None:
+        holder = _holder(generations, txid, ts_ms)
+        if holder is not None and holder.id != gen.id:
+            why = "its snapshot is gone" if not holder.snapshots else "no snapshot of it reaches the target"
+            _unrestorable(
+                fallback,
+                f"replica {replica}: generation {holder.id} holds the newest state asked for (up to txid"
+                f" {holder.last_txid}) but cannot be restored ({why}); the newest state that can is in the"
+                f" older generation {gen.id}, without the commits of {holder.id}. Restore with fallback=True"
+                f" (--fallback) to accept that, or generation=... to choose one",
+            )
 
     snaps = [
         (k, s)
@@ -191,36 +167,45 @@ def plan_restore(
         raise PointInTimeError(f"generation {gen.id} has no snapshot at or before the target")
     limit = txid if txid is not None else gen.last_txid
     # Prefer the newest snapshot whose chain of segments is complete.
-    by_first: dict[int, list[tuple[SegmentKey, int]]] = {}
-    for k, s in gen.segments:
-        by_first.setdefault(k.first_txid, []).append((k, s))
     best: RestorePlan | None = None
     for snap in reversed(snaps):
-        chain: list[tuple[SegmentKey, int]] = []
-        at, at_ts = snap[0].txid, snap[0].timestamp_ms
-        while True:
-            options = [
-                (k, s)
-                for k, s in by_first.get(at + 1, [])
-                if k.last_txid <= limit and (ts_ms is None or k.timestamp_ms <= ts_ms)
-            ]
-            if not options:
-                break
-            k, s = max(options, key=lambda o: o[0].last_txid)
-            chain.append((k, s))
-            at, at_ts = k.last_txid, k.timestamp_ms
-        plan = RestorePlan(gen.id, snap, chain, at, at_ts)
+        chain = follow_chain(gen.segments, snap[0], limit=limit, ts_ms=ts_ms)
+        end = chain[-1][0] if chain else snap[0]
+        at = end.last_txid if isinstance(end, SegmentKey) else end.txid
+        plan = RestorePlan(gen.id, snap, chain, at, end.timestamp_ms)
         if best is None or plan.txid > best.txid:
             best = plan
         if txid is None and ts_ms is None and plan.txid >= gen.last_txid:
             break
     assert best is not None
     if txid is None and ts_ms is None and best.txid < gen.last_txid:
-        raise RestoreError(
+        _unrestorable(
+            fallback,
             f"replica {replica}, generation {gen.id}: segments are missing after txid {best.txid}"
-            f" (the newest is {gen.last_txid}); restore with txid={best.txid} to get the state before the gap"
+            f" (the newest is {gen.last_txid}); restore with fallback=True (--fallback) or txid={best.txid}"
+            " to get the state before the gap",
         )
     return best
+
+
+def _holder(generations: Sequence[Generation], txid: int | None, ts_ms: int | None) -> Generation | None:
+    """The newest generation holding anything at or before the target."""
+    held = [
+        g
+        for g in generations
+        if g.snapshots or g.segments
+        if txid is None
+        or min([k.txid for k, _ in g.snapshots] + [k.first_txid - 1 for k, _ in g.segments]) <= txid
+        if ts_ms is None
+        or min([k.timestamp_ms for k, _ in g.snapshots] + [k.timestamp_ms for k, _ in g.segments]) <= ts_ms
+    ]
+    return held[-1] if held else None
+
+
+def _unrestorable(fallback: bool, message: str) -> None:
+    if not fallback:
+        raise GenerationUnrestorableError(message)
+    log.warning("%s; falling back, as asked", message)
 
 
 @dataclass
@@ -469,6 +454,7 @@ async def restore_async(
     generation: str | None = None,
     parallelism: int = DEFAULT_PARALLELISM,
     progress: ProgressCallback | None = None,
+    fallback: bool = False,
 ) -> RestoreResult | None:
     """The async form of :func:`restore` (same arguments and result;
     ``progress`` is called in the event loop's thread)."""
@@ -499,6 +485,7 @@ async def restore_async(
                     generation=generation,
                     parallelism=parallelism,
                     progress=tracker,
+                    fallback=fallback,
                 )
             except (ReplicaError, CorruptObjectError, NoBackupError) as exc:
                 if len(replicas) == 1:
@@ -521,6 +508,12 @@ def _url_of(replica: str | ReplicaClient) -> str:
     return redact_url(replica) if isinstance(replica, str) else replica.url
 
 
+# A restore that meets objects deleted under it (the writer's retention or
+# compaction moved on between our LIST and GET) plans again from a fresh
+# listing, this many times in all.
+RESTORE_ATTEMPTS = 5
+
+
 async def _restore_from(
     path: str,
     replica: str | ReplicaClient,
@@ -531,29 +524,49 @@ async def _restore_from(
     generation: str | None,
     parallelism: int,
     progress: Progress | None = None,
+    fallback: bool,
 ) -> RestoreResult | None:
     client = open_replica(replica) if isinstance(replica, str) else replica
     started = time.monotonic()
     try:
-        generations = await list_generations(client)
-        if not any(g.snapshots for g in generations) and if_replica_exists:
-            log.info("restore skipped: replica %s is empty", client.url)
-            return None
-        plan = plan_restore(
-            generations, generation=generation, txid=txid, timestamp=timestamp, replica=client.url
-        )
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        work = tempfile.mkdtemp(prefix=".sqlrepl-restore-", dir=folder)
-        try:
-            result = await _restore_plan(client, plan, path, work, parallelism, progress)
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from group
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        for attempt in range(1, RESTORE_ATTEMPTS + 1):
+            generations = await list_generations(client)
+            if not any(g.snapshots for g in generations) and if_replica_exists:
+                log.info("restore skipped: replica %s is empty", client.url)
+                return None
+            plan = plan_restore(
+                generations,
+                generation=generation,
+                txid=txid,
+                timestamp=timestamp,
+                replica=client.url,
+                fallback=fallback,
+            )
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            work = tempfile.mkdtemp(prefix=".sqlrepl-restore-", dir=folder)
+            try:
+                try:
+                    result = await _restore_plan(client, plan, path, work, parallelism, progress)
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from group
+            except ObjectNotFoundError as exc:
+                if attempt == RESTORE_ATTEMPTS:
+                    raise
+                log.info(
+                    "restore of %s from %s: an object went away (%s), planning again from a fresh listing",
+                    path,
+                    client.url,
+                    exc,
+                )
+                continue
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            break
     finally:
         if isinstance(replica, str):
             await client.aclose()
+    _record_restored(path, max(g.last_txid for g in generations))
     result.seconds = time.monotonic() - started
     log.info(
         "restored %s from %s: generation %s, txid %d, %d objects, %d bytes, %.2fs",
@@ -566,6 +579,21 @@ async def _restore_from(
         result.seconds,
     )
     return result
+
+
+def _record_restored(path: str, replica_txid: int) -> None:
+    """Tell the replicator that will start on ``path`` the highest txid the
+    replica held, so that its new generation continues after it rather
+    than at 1 (``restored.json`` in the staging folder, crash-safe)."""
+    folder = staging_dir_for(path)
+    target = os.path.join(folder, RESTORED_FILE)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"replica_txid": replica_txid}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(folder)
 
 
 async def _restore_plan(
@@ -752,6 +780,7 @@ def restore(
     generation: str | None = None,
     parallelism: int = DEFAULT_PARALLELISM,
     progress: ProgressCallback | None = None,
+    fallback: bool = False,
 ) -> RestoreResult | None:
     """Rebuild ``database`` from ``replica`` (a URL, or a list tried in
     order until one restores); call at startup, before any connection to
@@ -771,6 +800,11 @@ def restore(
       restore proceeds; ``done`` never goes backward, and the last call,
       once the database is in place, has ``done == total``. Falling back to
       another replica adds that replica's bytes to the total.
+    - ``fallback``: when the generation holding the asked state (the newest,
+      by default) cannot be restored (its snapshot was deleted, a segment
+      is missing), restore the newest older state that can be, with a
+      warning, instead of raising :class:`GenerationUnrestorableError`:
+      the commits after that state are then not in the restored database.
 
     Returns a :class:`RestoreResult`, or ``None`` when nothing was done.
     Stale ``-wal``/``-shm`` files next to the target are moved aside, not
@@ -789,6 +823,7 @@ def restore(
             generation=generation,
             parallelism=parallelism,
             progress=progress,
+            fallback=fallback,
         ),
         backend="asyncio",
     )

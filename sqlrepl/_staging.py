@@ -19,9 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
-__all__ = ["Staging", "fsync_dir", "staging_dir_for"]
+__all__ = ["RESTORED_FILE", "Staging", "fsync_dir", "staging_dir_for"]
 
 STATE_VERSION = 1
+# Written by restore: the highest txid the replica held (a new generation
+# continues after it).
+RESTORED_FILE = "restored.json"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -118,6 +121,15 @@ class Staging:
 
     def write_state(self, state: dict[str, Any]) -> None:
         self.write_json(self.state_path, {**state, "version": STATE_VERSION})
+
+    def restored_txid(self) -> int:
+        """The highest txid of the replica a restore rebuilt the database
+        from (``restored.json``), or 0."""
+        try:
+            data = self.read_json(os.path.join(self.root, RESTORED_FILE))
+            return int(data.get("replica_txid", 0)) if isinstance(data, dict) else 0
+        except (OSError, ValueError):
+            return 0
 
     def replica_path(self, url: str) -> str:
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -34,8 +34,9 @@ import xxhash
 
 from . import _format
 from ._errors import CorruptObjectError, ObjectNotFoundError, ReplicaError, RestoreError
+from ._lifecycle import group_generations
 from ._replica import ReplicaClient
-from ._restore import group_generations, plan_restore
+from ._restore import plan_restore
 
 __all__ = ["Verification", "verify_replica"]
 

@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import sqlrepl
@@ -95,3 +97,19 @@ def make_db(path: str | os.PathLike[str], *, page_size: int = 4096) -> None:
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     conn.commit()
     conn.close()
+
+
+class FakeClock:
+    """A wall clock for ``Options(clock=...)`` that moves only when told."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
