@@ -156,3 +156,54 @@ def test_test_runner_never_follows_the_production_replica(tmp_path: Path, monkey
     assert "Ran 1 test" in proc.stderr
     assert not (tmp_path / "copy").exists()
     assert tree(tmp_path / "replica") == before
+
+
+HOLDER = """
+import sys
+from django.db import connections
+call_command("migrate", verbosity=0)
+Item.objects.create(name="first")
+sqlrepl.sync(DB)
+out(list(Item.objects.using("replica").values_list("name", flat=True)))
+sys.stdin.read()  # keep the follower until the test closes stdin
+"""
+
+SECOND = """
+from django.db import connections
+from sqlrepl.django import base
+names = list(Item.objects.using("replica").values_list("name", flat=True))
+copy = str(connections["replica"].settings_dict["NAME"])
+out({"names": names, "own_follower": base._followers[copy] is not None})
+"""
+
+
+def test_second_process_reads_the_copy_another_follows(tmp_path: Path) -> None:
+    """A second process whose follow alias finds the copy kept by another
+    process's follower starts none of its own and reads that copy."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_django import PRELUDE, django_env
+
+    db = database(tmp_path)
+    replica = follower_alias(tmp_path, tmp_path / "replica")
+    env = django_env(db, SQLREPL_TEST_REPLICA_DATABASE=json.dumps(replica))
+    script = "import django\ndjango.setup()\n" + PRELUDE + textwrap.dedent(HOLDER)
+    with subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as holder:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        try:
+            assert json.loads(holder.stdout.readline()) == ["first"]
+            got = last_json(run_django(db, SECOND, SQLREPL_TEST_REPLICA_DATABASE=json.dumps(replica)))
+            assert got == {"names": ["first"], "own_follower": False}
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=60)
