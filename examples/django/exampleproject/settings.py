@@ -94,8 +94,6 @@ if os.environ.get("SQLREPL_FOLLOW"):
             "follow_timeout": 60,  # at the first query, wait this long for the copy
             "timeout": 20,
         },
-        # Tests read and write the default test database through this alias.
-        "TEST": {"MIRROR": "default"},
     }
     DATABASE_ROUTERS = ["exampleproject.routers.ReplicaRouter"]
 
