@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "CorruptObjectError",
     "DatabaseExistsError",
+    "FollowTimeoutError",
     "FollowedDatabaseError",
     "NoBackupError",
     "ObjectNotFoundError",
@@ -146,3 +147,9 @@ class FollowedDatabaseError(SqlreplError):
     """The database is a read replica kept by a follower (``sqlrepl.follow``):
     it is read-only. Raised by ``sqlrepl.connect`` on it, and by a second
     follower of the same file."""
+
+
+class FollowTimeoutError(SqlreplError, TimeoutError):
+    """A read replica's follower did not reach the "following" state in time
+    (the Django backend's ``OPTIONS["follow_timeout"]``): the replica is
+    unreachable or still holds no snapshot, or the follower failed."""

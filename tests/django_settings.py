@@ -24,6 +24,9 @@ DATABASES = {"default": json.loads(os.environ["SQLREPL_TEST_DATABASE"])}
 _options = DATABASES["default"].setdefault("OPTIONS", {})
 if isinstance(_options.get("factory"), str):
     _options["factory"] = globals()[_options["factory"]]
+if os.environ.get("SQLREPL_TEST_REPLICA_DATABASE"):
+    # A second alias (a read replica, in tests/test_django_follow.py).
+    DATABASES["replica"] = json.loads(os.environ["SQLREPL_TEST_REPLICA_DATABASE"])
 if os.environ.get("SQLREPL_TEST_NO_APP"):
     INSTALLED_APPS = [app for app in INSTALLED_APPS if app != "sqlrepl.django"]  # noqa: F405
 LOGGING = {

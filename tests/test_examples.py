@@ -148,6 +148,7 @@ def test_django_example_readme(tmp_path: Path) -> None:
     assert '"name": "milk"' in log
     assert "is replicating it" in log  # sqlrepl status, while gunicorn runs
     assert_workers_agree(answers)
+    assert "machine B reads ['milk']" in log  # the read replica, in another folder
     here = clone / "examples" / "django"
     assert re.search(r"restored \S+db\.sqlite3 from file://\S+replica: generation", log), log[-4000:]
     assert rows(here / "db.sqlite3", "SELECT name FROM items_item") == [("milk",)]

@@ -44,6 +44,7 @@ connection (``connection.connection``) are replicated but not waited for.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import difflib
@@ -60,10 +61,11 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, DatabaseError
 from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteDatabaseWrapper
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
@@ -71,13 +73,16 @@ import sqlrepl
 
 from .. import _integration
 from .._connection import _database_path
+from .._follow import _state_path, check_not_followed
 from .._integration import options_from, replica_list
+from .._replica import redact_url as redact
 
 __all__ = [
     "DatabaseWrapper",
     "ReplicationSettings",
     "check_databases",
     "configured",
+    "follow_once",
     "read_settings",
     "restore_once",
     "wait_until_started",
@@ -86,7 +91,17 @@ __all__ = [
 log = logging.getLogger("sqlrepl.django")
 
 ENGINE = "sqlrepl.django"
-SQLREPL_KEYS = ("replica", "durability", "replicated_timeout", "restore", "options", "backend")
+SQLREPL_KEYS = (
+    "replica",
+    "durability",
+    "replicated_timeout",
+    "restore",
+    "options",
+    "backend",
+    "follow",
+    "follow_timeout",
+    "poll_interval",
+)
 # Django's own SQLite OPTIONS, and sqlite3.connect's keyword arguments.
 DJANGO_KEYS = (
     "init_command",
@@ -127,6 +142,10 @@ class ReplicationSettings:
     # TEST["NAME"]'s path and TEST["REPLICA"]: a test database replicated on request.
     test_database: str | None = None
     test_replicas: tuple[str, ...] = ()
+    # OPTIONS["follow"]: the alias is a read replica of this replica URL.
+    follow: str | None = None
+    follow_timeout: float = 60.0
+    poll_interval: float = 1.0
 
 
 def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIAS) -> ReplicationSettings:
@@ -178,6 +197,7 @@ def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIA
     if backend is not None:
         _backend_class(backend)
     test_database, test_replicas = _test_replication(settings_dict, alias, database)
+    follow, follow_timeout, poll_interval = _follow_settings(options, where, database, name_str)
     return ReplicationSettings(
         alias=alias,
         name=name_str,
@@ -190,7 +210,58 @@ def read_settings(settings_dict: Mapping[str, Any], alias: str = DEFAULT_DB_ALIA
         backend=backend,
         test_database=test_database,
         test_replicas=test_replicas,
+        follow=follow,
+        follow_timeout=follow_timeout,
+        poll_interval=poll_interval,
     )
+
+
+def _follow_settings(
+    options: Mapping[str, Any], where: str, database: str | None, name: str
+) -> tuple[str | None, float, float]:
+    """``OPTIONS["follow"]`` and its companions, checked."""
+    url = options.get("follow")
+    if url is None or url == "":
+        for key in ("follow_timeout", "poll_interval"):
+            if key in options:
+                raise ImproperlyConfigured(f"{where}[{key!r}] is only for a read replica (OPTIONS['follow'])")
+        return None, 60.0, 1.0
+    if not isinstance(url, str):
+        raise ImproperlyConfigured(f"{where}['follow'] must be one replica URL, got {url!r}")
+    try:
+        replica_list(url, f"{where}['follow']")
+    except sqlrepl.ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+    if options.get("replica"):
+        raise ImproperlyConfigured(
+            f"{where} has both 'replica' and 'follow': a read replica is not replicated itself."
+            " Replicate the primary alias, and follow its replica on another alias"
+        )
+    if database is None:
+        raise ImproperlyConfigured(
+            f"settings.DATABASES[...]['NAME'] is {name or 'empty'!r}: a read replica ({where}['follow'])"
+            " is a local file the follower keeps; give a file path"
+        )
+    if options.get("durability", "async") != "async" or "replicated_timeout" in options:
+        raise ImproperlyConfigured(f"{where}: 'durability' is for a replicated alias, not a read replica")
+    mode = str(options.get("transaction_mode") or "DEFERRED").upper()
+    if mode != "DEFERRED":
+        raise ImproperlyConfigured(
+            f"{where}['transaction_mode'] is {mode!r}: a read replica only reads, and an"
+            " IMMEDIATE or EXCLUSIVE transaction would hold off the follower's updates. Remove it"
+        )
+    for match in _PRAGMA.finditer(str(options.get("init_command") or "")):
+        raise ImproperlyConfigured(
+            f"{where}['init_command'] sets {match.group(0)!r}: the follower owns the copy's journal and"
+            " locking modes (it stays in rollback-journal mode). Remove it"
+        )
+    timeouts = []
+    for key, default in (("follow_timeout", 60.0), ("poll_interval", 1.0)):
+        value = options.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ImproperlyConfigured(f"{where}[{key!r}] must be a number of seconds > 0, got {value!r}")
+        timeouts.append(float(value))
+    return url, timeouts[0], timeouts[1]
 
 
 def _test_replication(
@@ -392,6 +463,83 @@ def restore_once(config: ReplicationSettings) -> sqlrepl.RestoreResult | None:
     return _integration.restore_once(config.database, config.replicas)
 
 
+# -- read replicas (OPTIONS["follow"]) -------------------------------------------------
+
+_followers: dict[str, sqlrepl.Follower | None] = {}
+_followers_mutex = threading.Lock()
+
+
+def follow_once(config: ReplicationSettings) -> sqlrepl.Follower | None:
+    """Start, once per process, the follower that keeps ``config.database``
+    a copy of ``config.follow``, and wait (up to ``config.follow_timeout``)
+    until it is following. Returns ``None`` when a follower of another
+    process keeps the file (a second worker of the same app): the copy is
+    then read as that one keeps it.
+
+    Raises :class:`sqlrepl.FollowTimeoutError` if the copy is not ready in
+    time (the replica unreachable or still empty, or the follower failed),
+    and :class:`sqlrepl.FollowedDatabaseError` if the file exists and is no
+    follower's copy. Threads asking together wait for the same follower.
+    """
+    database, url = config.database, config.follow
+    assert database is not None
+    assert url is not None
+    with _followers_mutex:
+        if database in _followers:
+            follower = _followers[database]
+        else:
+            follower = _followers[database] = _start_follower(database, url, config.poll_interval)
+        if follower is None:
+            _wait_for_other_follower(config)
+            return None
+        status = follower.wait(lambda s: s.state == "following", config.follow_timeout)
+        if status.state != "following":
+            why = status.error or ("the replica holds no snapshot yet" if status.state == "waiting" else "")
+            raise sqlrepl.FollowTimeoutError(
+                f"settings.DATABASES[{config.alias!r}]: the follower of {redact(url)} is {status.state!r}"
+                f" after {config.follow_timeout:g} s, not following{': ' + why if why else ''}. Check that"
+                " the primary replicates there, or raise OPTIONS['follow_timeout']"
+            )
+        return follower
+
+
+def _start_follower(database: str, url: str, poll_interval: float) -> sqlrepl.Follower | None:
+    try:
+        check_not_followed(database)
+        log.info("following %s into %s", redact(url), database)
+        return sqlrepl.follow(database, url, poll_interval=poll_interval)
+    except sqlrepl.FollowedDatabaseError:
+        try:
+            check_not_followed(database)
+        except sqlrepl.FollowedDatabaseError:
+            log.info("%s is kept by a follower in another process; reading its copy", database)
+            return None
+        raise
+
+
+def _wait_for_other_follower(config: ReplicationSettings) -> None:
+    """Wait until another process's follower has made the copy (its state
+    file is written once the copy exists)."""
+    database = config.database
+    assert database is not None
+    deadline = time.monotonic() + config.follow_timeout
+    while not (os.path.exists(database) and os.path.exists(_state_path(database))):
+        if time.monotonic() >= deadline:
+            raise sqlrepl.FollowTimeoutError(
+                f"settings.DATABASES[{config.alias!r}]: {database} is kept by a follower in another"
+                f" process, which has not made the copy after {config.follow_timeout:g} s"
+            )
+        time.sleep(0.05)
+
+
+@atexit.register
+def _stop_followers() -> None:
+    """Stop this process's followers between batches, not in the middle of one."""
+    for follower in list(_followers.values()):
+        if follower is not None:
+            follower.stop(timeout=10)
+
+
 # -- the backend -----------------------------------------------------------------------
 
 _live: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
@@ -474,6 +622,7 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         self._sqlrepl_dirty = False  # a write in the open transaction
         self._sqlrepl_pending = False  # a write that commits when its cursor closes
         self._sqlrepl_database = ""  # the file the open connection replicates
+        self._sqlrepl_readonly = False  # the open connection reads a follower's copy
         config = self.sqlrepl
         self._sqlrepl_waits = (
             bool(config.replicas or config.test_replicas) and config.durability == "replicated"
@@ -516,8 +665,32 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
             return path, config.test_replicas
         return None
 
+    def _sqlrepl_follows(self) -> str | None:
+        """The copy the next connection reads, if this alias is a read
+        replica and opens the configured file (never a test database)."""
+        config = self.sqlrepl
+        name = self.settings_dict.get("NAME")
+        path = _database_path(os.fspath(name)) if name else None
+        return path if config.follow and path is not None and path == config.database else None
+
+    def _sqlrepl_open_copy(self, path: str, conn_params: dict[str, Any]) -> Any:
+        follow_once(self.sqlrepl)
+        # Read-write at the file level (mode=rw: never create an empty file
+        # the follower would refuse to seed over), because a reader must be
+        # able to roll back a hot journal a killed follower left; mode=ro
+        # would fail on one. query_only refuses every write statement.
+        params = {**conn_params, "database": f"file:{quote(path)}?mode=rw", "uri": True}
+        conn = super().get_new_connection(params)
+        conn.execute("PRAGMA query_only = ON")
+        self._sqlrepl_readonly = True
+        return conn
+
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         self._sqlrepl_active = self._sqlrepl_dirty = self._sqlrepl_pending = False
+        self._sqlrepl_readonly = False
+        copy = self._sqlrepl_follows()
+        if copy is not None:
+            return self._sqlrepl_open_copy(copy, conn_params)
         target = self._sqlrepl_target()
         if target is None:
             return super().get_new_connection(conn_params)
@@ -563,12 +736,29 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
                 self._sqlrepl_wait()
         return result
 
+    def _sqlrepl_refused(self, exc: DatabaseError) -> None:
+        """Raise :class:`sqlrepl.FollowedDatabaseError` if ``exc`` is SQLite
+        refusing a write to a read replica's copy."""
+        cause = exc.__cause__
+        code = getattr(cause, "sqlite_errorcode", None)
+        if self._sqlrepl_readonly and isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_READONLY:
+            config = self.sqlrepl
+            raise sqlrepl.FollowedDatabaseError(
+                f"settings.DATABASES[{self.alias!r}] is a read replica (OPTIONS['follow'] ="
+                f" {redact(config.follow or '')}): it is read-only. Write through the primary's alias"
+                " (a database router can send writes there)"
+            ) from exc
+
     def make_cursor(self, cursor: Any) -> Any:
+        if self._sqlrepl_readonly:
+            return _ReadOnlyCursor(cursor, self)
         if self._sqlrepl_waits:
             return _Cursor(cursor, self)
         return super().make_cursor(cursor)
 
     def make_debug_cursor(self, cursor: Any) -> Any:
+        if self._sqlrepl_readonly:
+            return _ReadOnlyDebugCursor(cursor, self)
         if self._sqlrepl_waits:
             return _DebugCursor(cursor, self)
         return super().make_debug_cursor(cursor)
@@ -626,6 +816,35 @@ class _Cursor(_WaitOnClose, CursorWrapper):  # type: ignore[misc]  # Django ship
 
 
 class _DebugCursor(_WaitOnClose, CursorDebugWrapper):  # type: ignore[misc]  # Django ships no type information
+    pass
+
+
+class _RefuseWrites:
+    """The cursor of a read replica's connection: SQLite's refusal of a
+    write becomes :class:`sqlrepl.FollowedDatabaseError`."""
+
+    db: DatabaseWrapper
+
+    def _execute(self, sql: Any, params: Any, *wrapper_args: Any) -> Any:
+        try:
+            return super()._execute(sql, params, *wrapper_args)  # type: ignore[misc]
+        except DatabaseError as exc:
+            self.db._sqlrepl_refused(exc)
+            raise
+
+    def _executemany(self, sql: Any, param_list: Any, *wrapper_args: Any) -> Any:
+        try:
+            return super()._executemany(sql, param_list, *wrapper_args)  # type: ignore[misc]
+        except DatabaseError as exc:
+            self.db._sqlrepl_refused(exc)
+            raise
+
+
+class _ReadOnlyCursor(_RefuseWrites, CursorWrapper):  # type: ignore[misc]  # Django ships no type information
+    pass
+
+
+class _ReadOnlyDebugCursor(_RefuseWrites, CursorDebugWrapper):  # type: ignore[misc]  # Django ships no type information
     pass
 
 
@@ -698,9 +917,12 @@ def _forget_connections_after_fork() -> None:
     for wrapper in list(_live):
         # Only replicated (file) connections: Django's parallel test runner
         # relies on forked children keeping their copy of an in-memory one.
-        if wrapper.connection is not None and wrapper._sqlrepl_active:
+        if wrapper.connection is not None and (wrapper._sqlrepl_active or wrapper._sqlrepl_readonly):
             _inherited.append(wrapper.connection)
             wrapper.connection = None
+    # The followers' threads are not in the child: it reads the copy the
+    # parent's follower keeps (check_not_followed sees the parent's lock).
+    _followers.clear()
 
 
 os.register_at_fork(after_in_child=_forget_connections_after_fork)

@@ -9,6 +9,11 @@ variables change that:
 - ``SQLREPL_DURABILITY``: ``replicated`` (default: a write is acknowledged
   once it is in the replica) or ``async``
 - ``SQLREPL_SYNC_INTERVAL``: seconds between uploads (default 1)
+- ``SQLREPL_FOLLOW``: a replica URL to follow: adds a ``replica`` alias (a
+  read replica, ``OPTIONS["follow"]``) and a router that sends reads there and
+  writes to ``default``
+- ``SQLREPL_FOLLOW_DB``: the read replica's file (default
+  ``replica-copy.sqlite3`` beside the database)
 """
 
 import os
@@ -76,6 +81,21 @@ DATABASES = {
         },
     }
 }
+
+if os.environ.get("SQLREPL_FOLLOW"):
+    DATABASES["replica"] = {
+        "ENGINE": "sqlrepl.django",
+        "NAME": os.environ.get(
+            "SQLREPL_FOLLOW_DB", Path(DATABASES["default"]["NAME"]).resolve().parent / "replica-copy.sqlite3"
+        ),
+        "OPTIONS": {
+            "follow": os.environ["SQLREPL_FOLLOW"],
+            "poll_interval": 1.0,
+            "follow_timeout": 60,  # at the first query, wait this long for the copy
+            "timeout": 20,
+        },
+    }
+    DATABASE_ROUTERS = ["exampleproject.routers.ReplicaRouter"]
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
