@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from ._connection import connect
-from ._errors import SqlreplError
+from ._errors import ConfigError, SqlreplError
 from ._replica import open_replica
 from ._replicator import Options, get_replicator, stop_all
 from ._restore import Generation, list_generations, restore
@@ -167,6 +167,7 @@ def cmd_segments(args: argparse.Namespace) -> int:
 def verify(database: str, replica: str) -> tuple[bool, str]:
     """Restore ``replica`` into a temporary file and compare it with the live
     ``database``. Returns (same?, a one-line explanation)."""
+    live = _open_live(database)
     work = tempfile.mkdtemp(prefix="sqlrepl-verify-")
     try:
         target = os.path.join(work, "restored.db")
@@ -174,7 +175,6 @@ def verify(database: str, replica: str) -> tuple[bool, str]:
         if result is None:
             return False, f"replica {replica} is empty"
         restored = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
-        live = sqlite3.connect(f"file:{os.path.abspath(database)}?mode=ro", uri=True)
         try:
             check = restored.execute("PRAGMA integrity_check").fetchall()
             if check != [("ok",)]:
@@ -185,7 +185,6 @@ def verify(database: str, replica: str) -> tuple[bool, str]:
             live.execute("ROLLBACK")
         finally:
             restored.close()
-            live.close()
         where = f"generation {result.generation}, txid {result.txid}, {_ts(result.timestamp_ms)}"
         if ours == theirs:
             return True, f"OK: the replica ({where}) matches {database}"
@@ -199,7 +198,28 @@ def verify(database: str, replica: str) -> tuple[bool, str]:
             " replica by up to the sync interval: verify when it is quiet, or after sqlrepl.sync()."
         )
     finally:
+        live.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _open_live(database: str) -> sqlite3.Connection:
+    """A read-only connection to the live database, checked to be one (before
+    anything is downloaded)."""
+    what = "give the path of the live database the replica was made from"
+    if not os.path.exists(database):
+        raise ConfigError(f"{database} does not exist; {what}")
+    if os.path.isdir(database):
+        raise ConfigError(f"{database} is a directory; {what}")
+    try:
+        live = sqlite3.connect(f"file:{os.path.abspath(database)}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot open {database} ({exc}); {what}") from exc
+    try:
+        live.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+    except sqlite3.Error as exc:
+        live.close()
+        raise ConfigError(f"{database} is not a readable SQLite database ({exc}); {what}") from exc
+    return live
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -115,6 +115,60 @@ def test_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     assert "NoBackupError" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("text", "is not a readable SQLite database"),
+        ("missing", "does not exist; give the path of the live database"),
+        ("directory", "is a directory; give the path of the live database"),
+    ],
+)
+def test_verify_a_path_that_is_not_a_database(
+    replicated: tuple[str, str], tmp_path: Path, make: str, message: str
+) -> None:
+    """verify on a text file, a missing file or a directory: one line saying what is wrong, exit 2."""
+    _, url = replicated
+    target = tmp_path / "target"
+    if make == "text":
+        target.write_text("some notes\n" * 50)
+    elif make == "directory":
+        target.mkdir()
+    out = cli("verify", str(target), url)
+    assert out.returncode == 2, out
+    assert message in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replicate", "{notes}", "{url}"], "is not a SQLite database"),
+        (["replicate", "{dir}", "{url}"], "is a directory"),
+        (["restore", "{dir}", "{url}", "--overwrite"], "is a directory"),
+        (["restore", "{notes}/app.db", "{url}"], "is a file, not a folder"),
+        (["restore", "{dir}/x.db", "{url}", "--txid", "-3"], "txid must be a whole number >= 0"),
+        (["restore", "{dir}/x.db", "{url}", "--parallelism", "0"], "parallelism must be a whole number"),
+        (["restore", "{dir}/x.db", "{url}", "--timestamp", "nan"], "is not ISO 8601"),
+    ],
+)
+def test_subcommands_given_bad_paths_or_values(
+    replicated: tuple[str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Subcommands given a text file, a directory or an impossible value: one line, exit 2, no traceback."""
+    _, url = replicated
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some notes\n" * 50)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    out = cli(*(a.format(notes=notes, dir=folder, url=url) for a in args))
+    assert out.returncode == 2, out
+    assert message in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert notes.read_text() == "some notes\n" * 50
+
+
 def test_demo_runs(tmp_path: Path) -> None:
     """The quick-start demo replicates, deletes, restores and shows the rows."""
     out = cli("demo", "--dir", str(tmp_path / "demo"))

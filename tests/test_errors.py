@@ -85,6 +85,111 @@ def test_bad_options_are_refused() -> None:
         sqlrepl.connect(":memory:", durability="eventually")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"timestamp": float("nan")}, "timestamp must be a finite time"),
+        ({"timestamp": float("inf")}, "timestamp must be a finite time"),
+        ({"timestamp": 1e30}, "timestamp must be a finite time"),
+        ({"timestamp": True}, "timestamp must be a datetime, Unix seconds or an ISO 8601 string"),
+        ({"timestamp": [1]}, "timestamp must be a datetime"),
+        ({"timestamp": "yesterday"}, "is not ISO 8601"),
+        ({"txid": "3"}, "txid must be a whole number >= 0"),
+        ({"txid": 2.5}, "txid must be a whole number >= 0"),
+        ({"txid": True}, "txid must be a whole number >= 0"),
+        ({"txid": -1}, "txid must be a whole number >= 0"),
+        ({"txid": 1, "timestamp": 1}, "not both"),
+        ({"parallelism": 0}, "parallelism must be a whole number >= 1"),
+        ({"parallelism": "8"}, "parallelism must be a whole number >= 1"),
+        ({"generation": 5}, "generation must be a generation id"),
+    ],
+)
+def test_bad_restore_arguments_are_config_errors(
+    tmp_path: Path, arguments: dict[str, object], message: str
+) -> None:
+    """Every malformed restore argument is a ConfigError naming it, before anything is downloaded."""
+    replica = file_url(tmp_path / "r")
+    _replicate_some(str(tmp_path / "src.db"), replica, rows=2)
+    target = tmp_path / "out.db"
+    with pytest.raises(sqlrepl.ConfigError, match=message):
+        sqlrepl.restore(target, replica, **arguments)  # type: ignore[arg-type]
+    assert not target.exists()
+
+
+def test_restore_target_that_cannot_be_a_file(tmp_path: Path) -> None:
+    """A restore target that is a directory, or lies below a file, is refused with what to do."""
+    replica = file_url(tmp_path / "r")
+    _replicate_some(str(tmp_path / "src.db"), replica, rows=2)
+    with pytest.raises(sqlrepl.ConfigError, match="is a directory; give the path of a database file"):
+        sqlrepl.restore(tmp_path, replica)
+    with pytest.raises(sqlrepl.ConfigError, match="is a directory"):
+        sqlrepl.restore(tmp_path, replica, overwrite=True)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(sqlrepl.ConfigError, match="is a file, not a folder"):
+        sqlrepl.restore(tmp_path / "notes.txt" / "app.db", replica)
+    with pytest.raises(sqlrepl.ConfigError, match="replica must be a URL or a list of URLs"):
+        sqlrepl.restore(tmp_path / "x.db", 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1, "3", True])
+def test_bad_sync_timeout_is_a_config_error(db_path: str, tmp_path: Path, timeout: object) -> None:
+    """sync() refuses a timeout that is not a number of seconds >= 0 (NaN would wait for ever)."""
+    conn = sqlrepl.connect(db_path, file_url(tmp_path / "r"), options=fast_options())
+    conn.execute("CREATE TABLE t(x)")
+    conn.commit()
+    with pytest.raises(sqlrepl.ConfigError, match="timeout must be a number of seconds >= 0"):
+        sqlrepl.sync(db_path, timeout=timeout)  # type: ignore[arg-type]
+    sqlrepl.sync(db_path, timeout=float("inf"))  # for ever is a valid wait
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (sqlrepl.Options(sync_interval=float("nan")), "option sync_interval must be a finite number"),
+        (sqlrepl.Options(sync_interval=float("inf")), "option sync_interval must be a finite number"),
+        (sqlrepl.Options(sync_interval=True), "option sync_interval must be a finite number"),
+        (sqlrepl.Options(snapshot_interval=-5), "option snapshot_interval"),
+        (sqlrepl.Options(retention=-1), r"option retention must be .*\(or None\)"),
+        (sqlrepl.Options(compaction_interval=float("nan")), "option compaction_interval"),
+        (sqlrepl.Options(checkpoint_frames=2.5), "option checkpoint_frames must be a whole number"),  # type: ignore[arg-type]
+        (sqlrepl.Options(staging_hard_limit=-1), "option staging_hard_limit must be a whole number"),
+        ({"sync_interval": 1}, "options must be a sqlrepl.Options, got dict"),
+    ],
+)
+def test_bad_option_values_are_refused_at_connect(
+    db_path: str, tmp_path: Path, options: object, message: str
+) -> None:
+    """Options that are NaN, infinite, negative, a bool or the wrong kind fail connect(): ConfigError."""
+    with pytest.raises(sqlrepl.ConfigError, match=message):
+        sqlrepl.connect(db_path, file_url(tmp_path / "r"), options=options)  # type: ignore[arg-type]
+    assert not os.path.exists(db_path)
+
+
+def test_bad_connect_arguments(tmp_path: Path) -> None:
+    """connect() refuses a non-URL replica, a bad replicated_timeout, a directory and a missing folder."""
+    url = file_url(tmp_path / "r")
+    db = str(tmp_path / "app.db")
+    with pytest.raises(sqlrepl.ConfigError, match="replica must be a URL or a list of URLs, got int"):
+        sqlrepl.connect(db, 5)  # type: ignore[arg-type]
+    with pytest.raises(sqlrepl.ConfigError, match="replicated_timeout must be a number of seconds"):
+        sqlrepl.connect(db, url, durability="replicated", replicated_timeout=float("nan"))
+    with pytest.raises(sqlrepl.ConfigError, match="is a directory; give the path of a database file"):
+        sqlrepl.connect(tmp_path, url)
+    with pytest.raises(sqlrepl.ConfigError, match="does not exist; create it first"):
+        sqlrepl.connect(tmp_path / "no" / "app.db", url)
+    assert not os.path.exists(db)
+
+
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """connect() on a text file says it is not a SQLite database, and leaves it alone."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello world\n" * 100)
+    with pytest.raises(sqlrepl.WalModeError, match="is not a SQLite database"):
+        sqlrepl.connect(notes, file_url(tmp_path / "r"))
+    assert notes.read_text() == "hello world\n" * 100
+
+
 # -- WAL mode ---------------------------------------------------------------------
 
 
