@@ -185,6 +185,7 @@ class Tally:
     checkpoints: Counter[str] = field(default_factory=Counter)
     checkpoint_longest: float = 0.0
     lost_in_checks: int = 0
+    slowest_sync: float = 0.0
     checks: int = 0
     byte_equal: int = 0
     mismatches: int = 0
@@ -427,8 +428,10 @@ class Soak:
         for w in ws:
             self.expect(w, "paused")
         t.checks += 1
+        asked = time.monotonic()
         self.tell(ws[0], "sync")
         synced = self.expect(ws[0], "synced")
+        t.slowest_sync = max(t.slowest_sync, time.monotonic() - asked)
         label = "final check" if final else "check"
         if synced != "synced":
             t.sync_failures += 1
@@ -555,6 +558,7 @@ class Soak:
             ("restores compared", f"{t.checks} ({t.byte_equal} byte-identical)"),
             ("mismatches", f"{t.mismatches}"),
             ("checks whose sync failed", f"{t.sync_failures}"),
+            ("slowest sync at a check", f"{t.slowest_sync:.1f} s"),
             ("rows acknowledged", f"{acked}"),
             ("rows restored (final)", f"{self.last_restored}"),
             ("rows lost", f"{self.last_lost}"),

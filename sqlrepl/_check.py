@@ -86,9 +86,11 @@ def check_options(options: object) -> None:
     """Check every field of an :class:`sqlrepl.Options` against its declared
     type: numbers of seconds are finite and >= 0, sizes and frame counts are
     whole numbers >= 0; ``None`` only where the field allows it."""
+    from ._replicator import Options  # (here: _replicator imports this module's importers)
+
     if options is None:
         return
-    if not dataclasses.is_dataclass(options) or type(options).__name__ != "Options":
+    if not isinstance(options, Options):
         raise ConfigError(f"options must be a sqlrepl.Options, got {type(options).__name__}")
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
