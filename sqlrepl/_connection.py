@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import anyio.to_thread
 
+from . import _check
 from ._errors import ConfigError, WalModeError
 from ._follow import check_not_followed
 from ._replicator import Options, Replicator, Status, get_replicator
@@ -38,7 +39,7 @@ class Connection(sqlite3.Connection):
     _sqlrepl_pid: int = 0
     _sqlrepl_rep: Replicator | None = None
     _sqlrepl_durability: Durability = "async"
-    _sqlrepl_timeout: float = 30.0
+    _sqlrepl_timeout: float | None = 30.0
 
     def _sqlrepl_replicator(self) -> Replicator | None:
         if self._sqlrepl_pid != os.getpid() and self._sqlrepl_db is not None:
@@ -101,7 +102,7 @@ def connect(
     replica: str | Sequence[str] | None = None,
     *,
     durability: Durability = "async",
-    replicated_timeout: float = 30.0,
+    replicated_timeout: float | None = 30.0,
     options: Options | None = None,
     **sqlite3_kwargs: Any,
 ) -> Connection:
@@ -124,9 +125,11 @@ def connect(
     """
     if durability not in ("async", "replicated"):
         raise ConfigError(f"durability must be 'async' or 'replicated', got {durability!r}")
+    replicated_timeout = _check.check_timeout("replicated_timeout", replicated_timeout)
+    _check.check_options(options)
     urls: tuple[str, ...] = ()
     if replica is not None:
-        urls = (replica,) if isinstance(replica, str) else tuple(replica)
+        urls = _check.as_urls(replica, what="replica")
         if not urls or not all(isinstance(u, str) and u for u in urls):
             raise ConfigError(f"replica must be a URL or a non-empty list of URLs, got {replica!r}")
     path = _database_path(database)
@@ -135,6 +138,7 @@ def connect(
             f"cannot replicate an in-memory database ({os.fspath(database)!r}); give a file path"
         )
     if path is not None:
+        _check.check_database_path(path, role="database", folder_must_exist=True)
         # A follower's copy is read-only: its next apply would find the
         # change counter moved and replace the writes.
         check_not_followed(path)
@@ -178,7 +182,11 @@ def _prepare(conn: sqlite3.Connection, path: str | None) -> None:
 def _set_wal(conn: sqlite3.Connection, path: str | None) -> None:
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    except sqlite3.Error as exc:
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise WalModeError(
+                f"{path} is not a SQLite database ({exc}); give the path of a database file, or of a new one"
+            ) from exc
         raise WalModeError(f"{path}: cannot put the database in WAL mode: {exc}") from exc
     if str(mode).lower() != "wal":
         raise WalModeError(
@@ -199,6 +207,7 @@ def sync(database: str | os.PathLike[str], timeout: float | None = 30.0) -> None
     standing by). Raises :class:`ConfigError` if nothing in this process
     replicates ``database``.
     """
+    timeout = _check.check_timeout("timeout", timeout)
     path = _database_path(database)
     rep = get_replicator(path) if path is not None else None
     if rep is None:
@@ -212,6 +221,7 @@ async def sync_async(database: str | os.PathLike[str], timeout: float | None = 3
     """:func:`sync` for async code (anyio: asyncio or trio): waits in a
     worker thread, so the event loop keeps running. Cancelling the caller
     stops the wait (the replication itself goes on)."""
+    timeout = _check.check_timeout("timeout", timeout)
     path = _database_path(database)
     rep = get_replicator(path) if path is not None else None
     if rep is None:

@@ -47,7 +47,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import _format
+from . import _check, _format
 from ._capture import Capture, CaptureRetry, ContinuityLost, Staged
 from ._compact import merge_segments
 from ._errors import (
@@ -176,6 +176,7 @@ class Options:
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
+        _check.check_options(self)  # types first: the checks below compare values
         if self.verify_interval is not None and (
             not isinstance(self.verify_interval, int | float) or self.verify_interval <= 0
         ):

@@ -37,7 +37,7 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 
-from . import _format
+from . import _check, _format
 from ._errors import (
     ConfigError,
     CorruptObjectError,
@@ -94,19 +94,6 @@ class RestorePlan:
         return [(self.snapshot[0].key, self.snapshot[1])] + [(k.key, size) for k, size in self.segments]
 
 
-def _as_ms(timestamp: dt.datetime | float | int | str) -> int:
-    if isinstance(timestamp, str):
-        try:
-            timestamp = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ConfigError(f"timestamp {timestamp!r} is not ISO 8601 (like 2026-11-25T20:54:00Z)") from exc
-    if isinstance(timestamp, dt.datetime):
-        if timestamp.tzinfo is None:
-            timestamp = timestamp.astimezone()  # naive means local time
-        return int(timestamp.timestamp() * 1000)
-    return int(float(timestamp) * 1000)
-
-
 def plan_restore(
     generations: Sequence[Generation],
     *,
@@ -131,7 +118,7 @@ def plan_restore(
     usable = [g for g in generations if g.snapshots]
     if not usable:
         raise NoBackupError(f"replica {replica} holds no snapshot to restore from (is the URL right?)")
-    ts_ms = _as_ms(timestamp) if timestamp is not None else None
+    ts_ms = _check.timestamp_ms(timestamp) if timestamp is not None else None
     if generation is not None:
         candidates = [g for g in usable if g.id == generation]
         if not candidates:
@@ -460,9 +447,24 @@ async def restore_async(
     ``progress`` is called in the event loop's thread)."""
     tracker = Progress(progress)
     path = os.path.abspath(os.fspath(database))  # noqa: ASYNC240 - string work and getcwd() only
-    replicas = [replica] if isinstance(replica, str | ReplicaClient) else list(replica)
-    if not replicas:
-        raise ConfigError("restore needs at least one replica URL")
+    if isinstance(replica, str | ReplicaClient):
+        replicas: list[str | ReplicaClient] = [replica]
+    else:
+        replicas = list(_check.as_urls(replica, what="replica"))
+    if not replicas or not all(isinstance(r, ReplicaClient) or (isinstance(r, str) and r) for r in replicas):
+        raise ConfigError(f"restore needs a replica URL or a non-empty list of them, got {replica!r}")
+    # Checked here, before any work: a bad target found after the download
+    # would be a raw Python error, and a wasted download.
+    if txid is not None and timestamp is not None:
+        raise ConfigError("give txid or timestamp, not both")
+    if txid is not None:
+        _check.txid(txid)
+    if timestamp is not None:
+        _check.timestamp_ms(timestamp)
+    if generation is not None and not isinstance(generation, str):
+        raise ConfigError(f"generation must be a generation id (a string), got {generation!r}")
+    _check.count("parallelism", parallelism, minimum=1)
+    _check.check_database_path(path, role="restore target", folder_must_exist=False)
     async with _restore_lock(path):
         # Checked under the lock: another process may have just restored it.
         if await anyio.Path(path).exists() and not overwrite:

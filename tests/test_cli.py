@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -95,13 +94,14 @@ def test_restore_and_verify(replicated: tuple[str, str], tmp_path: Path) -> None
 def test_restore_point_in_time(replicated: tuple[str, str], tmp_path: Path) -> None:
     """--txid restores an earlier state."""
     _db, url = replicated
-    snaps = json.loads(cli("snapshots", url, "--json").stdout)
+    [generation] = json.loads(cli("generations", url, "--json").stdout)
+    # The second batch is ten commits (ten txids) after a sync: the state
+    # before it is a segment boundary, whenever the first snapshot was taken.
+    first_batch_end = generation["last_txid"] - 10
     out = tmp_path / "old.db"
-    done = cli("restore", str(out), url, "--txid", str(snaps[0]["txid"]))
+    done = cli("restore", str(out), url, "--txid", str(first_batch_end))
     assert done.returncode == 0, done.stderr
-    [(n,)] = query(out, "SELECT count(*) FROM t")
-    assert isinstance(n, int)
-    assert n < 20
+    assert query(out, "SELECT count(*) FROM t") == [(10,)]
 
 
 def test_errors_exit_2_with_a_message(tmp_path: Path) -> None:
@@ -113,6 +113,60 @@ def test_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     out = cli("restore", str(tmp_path / "x.db"), file_url(tmp_path / "empty"), "--require-replica")
     assert out.returncode == 2
     assert "NoBackupError" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("text", "is not a readable SQLite database"),
+        ("missing", "does not exist; give the path of the live database"),
+        ("directory", "is a directory; give the path of the live database"),
+    ],
+)
+def test_verify_a_path_that_is_not_a_database(
+    replicated: tuple[str, str], tmp_path: Path, make: str, message: str
+) -> None:
+    """verify on a text file, a missing file or a directory: one line saying what is wrong, exit 2."""
+    _, url = replicated
+    target = tmp_path / "target"
+    if make == "text":
+        target.write_text("some notes\n" * 50)
+    elif make == "directory":
+        target.mkdir()
+    out = cli("verify", str(target), url)
+    assert out.returncode == 2, out
+    assert message in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replicate", "{notes}", "{url}"], "is not a SQLite database"),
+        (["replicate", "{dir}", "{url}"], "is a directory"),
+        (["restore", "{dir}", "{url}", "--overwrite"], "is a directory"),
+        (["restore", "{notes}/app.db", "{url}"], "is a file, not a folder"),
+        (["restore", "{dir}/x.db", "{url}", "--txid", "-3"], "txid must be a whole number >= 0"),
+        (["restore", "{dir}/x.db", "{url}", "--parallelism", "0"], "parallelism must be a whole number"),
+        (["restore", "{dir}/x.db", "{url}", "--timestamp", "nan"], "is not ISO 8601"),
+    ],
+)
+def test_subcommands_given_bad_paths_or_values(
+    replicated: tuple[str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Subcommands given a text file, a directory or an impossible value: one line, exit 2, no traceback."""
+    _, url = replicated
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some notes\n" * 50)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    out = cli(*(a.format(notes=notes, dir=folder, url=url) for a in args))
+    assert out.returncode == 2, out
+    assert message in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert notes.read_text() == "some notes\n" * 50
 
 
 def test_demo_runs(tmp_path: Path) -> None:
@@ -151,7 +205,7 @@ def test_replicate_sidecar(tmp_path: Path) -> None:
             db,
         )
         assert writer.returncode == 0, writer.stderr
-        time.sleep(0.3)
+        # (No wait: SIGTERM makes the sidecar capture and upload what is pending.)
     finally:
         sidecar.send_signal(signal.SIGTERM)
         out, err = sidecar.communicate(timeout=60)

@@ -361,7 +361,7 @@ if pid == 0:
     c = sqlrepl.connect(db, url)
     c.execute("INSERT INTO t VALUES (1)")
     c.commit()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while sqlrepl.status(db).role == "starting" and time.monotonic() < deadline:
         time.sleep(0.01)
     status = sqlrepl.status(db)

@@ -120,14 +120,19 @@ def test_four_writers_replicator_killed_repeatedly(tmp_path: Path) -> None:
     try:
         for w in writers.values():
             assert w.started.wait(60), w.log.read_text()
-        kills = 0
         for round_ in range(8):
-            time.sleep(rnd.uniform(0.8, 1.6))
+            # Kill a replicator only once it has shown it works (a sync it
+            # served acknowledged more rows), at a random point after that.
+            before = sum(w.acked for w in writers.values())
+            deadline = time.monotonic() + 120
+            while sum(w.acked for w in writers.values()) <= before:
+                assert time.monotonic() < deadline, f"round {round_}: no sync acknowledged anything"
+                time.sleep(0.02)
+            time.sleep(rnd.uniform(0.0, 0.5))  # where the kill falls, not a synchronisation
             holder = lock_holder(lockfile)
             victim = next(w for w in writers.values() if w.proc.pid == holder)
             os.kill(holder, signal.SIGKILL)
             victim.proc.wait(30)
-            kills += 1
             acked = {wid: w.acked for wid, w in writers.items()}
             writers[victim.wid] = replacement = Writer(db, url, victim.wid, rnd.randrange(1 << 30))
             replacement.acked = victim.acked
@@ -135,7 +140,6 @@ def test_four_writers_replicator_killed_repeatedly(tmp_path: Path) -> None:
             # A new replicator took over (not necessarily the replacement).
             assert lock_holder(lockfile) != holder
             _check_restore(url, tmp_path / f"round-{round_}.db", acked)
-        assert kills == 8
         assert all(w.acked > 0 for w in writers.values()), "some writer never got an acknowledgement"
     finally:
         for w in writers.values():
@@ -158,7 +162,9 @@ def test_sync_from_a_standby_process(tmp_path: Path) -> None:
     gets a working sync(): it returns once its commit is in the replica."""
     db = str(tmp_path / "app.db")
     url = file_url(tmp_path / "replica")
-    conn = sqlrepl.connect(db, url, options=fast_options(sync_interval=5))
+    # An hour's interval: the replicator uploads the standby's commit within
+    # the test only if the standby's sync() asks it to.
+    conn = sqlrepl.connect(db, url, options=fast_options(sync_interval=3600))
     conn.execute("CREATE TABLE t(x)")
     conn.commit()
     sqlrepl.sync(db)
@@ -167,23 +173,22 @@ def test_sync_from_a_standby_process(tmp_path: Path) -> None:
         import sys, time, sqlrepl
         sys.path.insert(0, sys.argv[3])
         from helpers import fast_options
-        conn = sqlrepl.connect(sys.argv[1], sys.argv[2], options=fast_options(sync_interval=5))
-        time.sleep(0.5)
+        conn = sqlrepl.connect(sys.argv[1], sys.argv[2], options=fast_options(sync_interval=3600))
+        deadline = time.monotonic() + 60
+        while sqlrepl.status(sys.argv[1]).role == "starting" and time.monotonic() < deadline:
+            time.sleep(0.01)
         print(sqlrepl.status(sys.argv[1]).role)
         conn.execute("INSERT INTO t VALUES ('from the standby')")
         conn.commit()
-        t0 = time.monotonic()
-        sqlrepl.sync(sys.argv[1], timeout=20)
-        print(round(time.monotonic() - t0, 2))
+        sqlrepl.sync(sys.argv[1], timeout=60)
+        print("synced")
         """,
         db,
         url,
         str(Path(__file__).parent),
     )
     assert out.returncode == 0, out.stderr
-    role, seconds = out.stdout.split()
-    assert role == "standby"
-    assert float(seconds) < 4  # well under the 5 s interval: the peer was asked
+    assert out.stdout.split() == ["standby", "synced"]
     restored = tmp_path / "restored.db"
     assert sqlrepl.restore(str(restored), url) is not None
     assert query(restored, "SELECT x FROM t") == [("from the standby",)]
@@ -259,13 +264,14 @@ def test_standby_takes_over_when_the_replicator_exits(tmp_path: Path) -> None:
     assert first.stdin is not None
     assert first.stdout.readline().strip() == "ready"
     conn = sqlrepl.connect(db, url, options=fast_options())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while sqlrepl.status(db).role != "standby":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    first.communicate("\n", timeout=30)
+    first.communicate("\n", timeout=60)
+    deadline = time.monotonic() + 60
     while sqlrepl.status(db).role != "replicating":
-        assert time.monotonic() < deadline + 10
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     conn.execute("INSERT INTO t VALUES (1)")
     conn.commit()

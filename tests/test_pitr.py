@@ -23,18 +23,24 @@ def _rows(path: Path) -> list[str]:
 
 @pytest.fixture
 def history(replica_url: str, db_path: str) -> dict[str, tuple[int, float]]:
-    """Three batches A, B, C, each synced; returns each batch's (txid, time)."""
-    conn = sqlrepl.connect(db_path, replica_url, options=fast_options())
+    """Three batches A, B, C of five commits, each synced and so (with an
+    interval longer than the test) each exactly one segment; returns each
+    batch's (txid, time)."""
+    conn = sqlrepl.connect(db_path, replica_url, options=fast_options(sync_interval=3600))
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, batch TEXT)")
     conn.commit()
+    sqlrepl.sync(db_path, timeout=60)
     marks: dict[str, tuple[int, float]] = {}
     for batch in "ABC":
         for _ in range(5):
             conn.execute("INSERT INTO t(batch) VALUES (?)", (batch,))
             conn.commit()
-        sqlrepl.sync(db_path, timeout=30)
-        marks[batch] = (sqlrepl.status(db_path).txid, time.time())
-        time.sleep(0.05)
+        sqlrepl.sync(db_path, timeout=60)
+        mark = time.time()
+        marks[batch] = (sqlrepl.status(db_path).txid, mark)
+        # The next batch's objects must carry a later millisecond than this mark.
+        while time.time() < mark + 0.002:
+            pass
     conn.close()
     return marks
 
@@ -52,14 +58,14 @@ def test_restore_to_txid(replica_url: str, history: dict[str, tuple[int, float]]
 def test_txid_inside_a_segment_rounds_down(
     replica_url: str, history: dict[str, tuple[int, float]], tmp_path: Path
 ) -> None:
-    """A txid that falls inside a segment restores the boundary before it, never past it."""
-    txid_a = history["A"][0]
-    out = tmp_path / "mid.db"
-    result = restore_fresh(replica_url, out, txid=txid_a + 1)
-    assert txid_a <= result.txid <= txid_a + 1
-    rows = _rows(out)
-    assert rows[:5] == ["A"] * 5
-    assert rows.count("B") <= 1
+    """A txid that falls inside a segment (batch B's) restores the boundary before it, never past it."""
+    txid_a, txid_b = history["A"][0], history["B"][0]
+    assert txid_b == txid_a + 5
+    for inside in range(txid_a + 1, txid_b):
+        out = tmp_path / f"mid-{inside}.db"
+        result = restore_fresh(replica_url, out, txid=inside)
+        assert result.txid == txid_a
+        assert _rows(out) == ["A"] * 5
 
 
 def test_restore_to_timestamp(

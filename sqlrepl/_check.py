@@ -1,0 +1,136 @@
+"""Checks of the arguments given to the public entry points.
+
+Every check raises :class:`ConfigError` naming the argument, the value it
+got and what it expects, so that bad input never surfaces as a raw
+``TypeError``/``ValueError``/``OverflowError`` from deep inside, or worse, is
+silently accepted (``txid=2.5``, ``timestamp=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import os
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = [
+    "check_database_path",
+    "check_options",
+    "check_timeout",
+    "as_urls",
+    "count",
+    "timestamp_ms",
+    "txid",
+]
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int to Python, never a number of seconds or a txid to a user.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_timeout(name: str, value: object) -> float | None:
+    """A timeout in seconds: ``None`` or ``inf`` (wait for ever), or a
+    number >= 0. NaN, negative numbers, bools and strings are refused."""
+    if value is None:
+        return None
+    if not _is_number(value) or math.isnan(value) or value < 0:  # type: ignore[arg-type,operator]
+        raise ConfigError(
+            f"{name} must be a number of seconds >= 0 (or None to wait for ever), got {value!r}"
+        )
+    return None if math.isinf(value) else float(value)  # type: ignore[arg-type]
+
+
+def count(name: str, value: object, *, minimum: int = 0) -> int:
+    """A whole number >= ``minimum`` (not a bool, a float or a string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def txid(value: object) -> int:
+    """A transaction id to restore to: a whole number >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(
+            f"txid must be a whole number >= 0 (as listed by `sqlrepl segments`), got {value!r}"
+        )
+    return value
+
+
+def timestamp_ms(value: object) -> int:
+    """A point in time as Unix milliseconds, from a ``datetime`` (naive
+    means local time), Unix seconds, or an ISO 8601 string."""
+    what = "a datetime, Unix seconds or an ISO 8601 string (like 2026-11-25T20:54:00Z)"
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ConfigError(f"timestamp {value!r} is not ISO 8601 (like 2026-11-25T20:54:00Z)") from exc
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.astimezone()
+        return int(value.timestamp() * 1000)
+    if not _is_number(value):
+        raise ConfigError(f"timestamp must be {what}, got {value!r}")
+    seconds = float(value)  # type: ignore[arg-type]
+    # Beyond what a datetime can hold, no replica has anything to match.
+    if not math.isfinite(seconds) or abs(seconds) > 253402300799:
+        raise ConfigError(f"timestamp must be a finite time between years 1 and 9999, got {value!r}")
+    return int(seconds * 1000)
+
+
+def check_options(options: object) -> None:
+    """Check every field of an :class:`sqlrepl.Options` against its declared
+    type: numbers of seconds are finite and >= 0, sizes and frame counts are
+    whole numbers >= 0; ``None`` only where the field allows it."""
+    from ._replicator import Options  # (here: _replicator imports this module's importers)
+
+    if options is None:
+        return
+    if not isinstance(options, Options):
+        raise ConfigError(f"options must be a sqlrepl.Options, got {type(options).__name__}")
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        declared = str(f.type)
+        if value is None and "None" in declared:
+            continue
+        if declared.startswith("int"):
+            bad = not isinstance(value, int) or isinstance(value, bool) or value < 0
+            if bad:
+                raise ConfigError(f"option {f.name} must be a whole number >= 0, got {value!r}")
+        elif declared.startswith("float"):
+            bad = not _is_number(value) or not math.isfinite(value) or value < 0
+            if bad:
+                also = " (or None)" if "None" in declared else ""
+                raise ConfigError(
+                    f"option {f.name} must be a finite number of seconds >= 0{also}, got {value!r}"
+                )
+
+
+def check_database_path(path: str, *, role: str, folder_must_exist: bool) -> None:
+    """A database path must name a file (which may not exist yet), not a
+    directory, in a folder (which must exist if ``folder_must_exist``).
+    ``role`` names what the path is for, in the message."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{role} {path} is a directory; give the path of a database file")
+    folder = os.path.dirname(path) or "."
+    # The nearest existing ancestor must be a folder, or nothing can be made below it.
+    ancestor = folder
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"{role} {path}: {ancestor} is a file, not a folder; give a path inside a folder")
+    if folder_must_exist and ancestor != folder:
+        raise ConfigError(f"{role} {path}: folder {folder} does not exist; create it first")
+
+
+def as_urls(replica: Any, *, what: str) -> tuple[Any, ...]:
+    """One replica or a non-empty sequence of them, as a tuple."""
+    if isinstance(replica, str):
+        return (replica,)
+    if isinstance(replica, list | tuple):
+        return tuple(replica)
+    raise ConfigError(f"{what} must be a URL or a list of URLs, got {type(replica).__name__} {replica!r}")
