@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -67,6 +67,8 @@ from ._watch import ReplicaWatch, WatchView, load_writer_id
 # anyio in the replicator thread: a fork() while that thread is half-way
 # through an import would leave the child with half-initialised modules.
 importlib.import_module("anyio._backends._asyncio")
+
+_T = TypeVar("_T")
 
 __all__ = ["Options", "Replicator", "Status", "get_replicator", "stop_all"]
 
@@ -531,10 +533,9 @@ class Replicator:
             since = min((o.timestamp_ms / 1000 for o in needed), default=now)
         return max(0.0, now - since), sum(o.size for o in needed)
 
-    def _remember_checksum(self) -> None:
-        assert self._capture is not None
+    def _remember_checksum(self, txid: int, checksum: int) -> None:
         checksums = self._checksums
-        checksums[self._capture.txid] = self._capture.checksum
+        checksums[txid] = checksum
         while len(checksums) > _CHECKSUMS_KEPT:
             del checksums[next(iter(checksums))]
 
@@ -807,8 +808,7 @@ class Replicator:
     def _add_staged(self, staged: Staged) -> _Obj:
         obj = self._obj_from_key(staged.key)
         assert obj is not None
-        self._staged.append(obj)
-        self._staged.sort(key=lambda o: o.order)
+        self._staged = sorted([*self._staged, obj], key=lambda o: o.order)
         return obj
 
     async def _start_position(self) -> None:
@@ -829,7 +829,7 @@ class Replicator:
             assert state is not None
             self._generation = state["generation"]
             self._txid = capture.txid
-            self._remember_checksum()
+            self._remember_checksum(capture.txid, capture.checksum)
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
             self._last_snapshot_time = float(state.get("last_snapshot_time", time.time()))
@@ -875,7 +875,7 @@ class Replicator:
         self._generation = generation
         self._txid = capture.txid
         self._checksums = {}
-        self._remember_checksum()
+        self._remember_checksum(capture.txid, capture.checksum)
         self._generations += 1
         self._snapshots += 1
         self._mark_behind()
@@ -884,19 +884,22 @@ class Replicator:
         self._snapshot_wanted = False  # (what a replica asked for meanwhile: this one serves)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = time.time()
-        await anyio.to_thread.run_sync(self._save_state)
+        await anyio.to_thread.run_sync(self._save_state, self._loop_state())
 
-    def _save_state(self) -> None:
+    def _loop_state(self) -> dict[str, Any]:
+        """The loop's part of the persisted state, read on the loop."""
+        return {
+            "generation": self._generation,
+            "since_snapshot_bytes": self._since_snapshot_bytes,
+            "since_snapshot_count": self._since_snapshot_count,
+            "last_snapshot_time": self._last_snapshot_time,
+        }
+
+    def _save_state(self, loop_state: dict[str, Any]) -> None:
+        """Persist the position (in a worker thread, while the capture loop
+        waits on it: the capture's position is the worker's meanwhile)."""
         assert self._capture is not None
-        self._staging.write_state(
-            {
-                **self._capture.state(),
-                "generation": self._generation,
-                "since_snapshot_bytes": self._since_snapshot_bytes,
-                "since_snapshot_count": self._since_snapshot_count,
-                "last_snapshot_time": self._last_snapshot_time,
-            }
-        )
+        self._staging.write_state({**self._capture.state(), **loop_state})
 
     def _gen(self) -> str:
         assert self._generation is not None
@@ -1111,14 +1114,14 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
-        staged = await anyio.to_thread.run_sync(
-            lambda: capture.capture(
-                self._staging, self._gen(), max_bytes=self._piece_bytes, on_piece=self._record_segment
-            )
+        generation, max_bytes = self._gen(), self._piece_bytes
+        staged = await self._in_worker(
+            lambda record: capture.capture(self._staging, generation, max_bytes=max_bytes, on_piece=record)
         )
         if staged is not None:
             # Held either way: a release merges it with those held before it.
-            await anyio.to_thread.run_sync(self._record_segment, staged)
+            self._record_segment(staged, capture.txid, capture.checksum)
+            await anyio.to_thread.run_sync(self._save_state, self._loop_state())
         self._space_back()
         held = [o for o in self._staged if o.held]
         # Heavy writes: once a merge's worth is held, holding more only adds lag.
@@ -1127,20 +1130,52 @@ class Replicator:
         self._set_checked(asked)
         self._check_staging_limits()
 
-    def _record_segment(self, staged: Staged) -> None:
-        """Account for a new staged segment, held until the next release, and
-        persist the position (in a worker thread, while the capture loop
-        waits on it)."""
-        assert self._capture is not None
-        self._txid = self._capture.txid
-        self._remember_checksum()
+    async def _in_worker(self, work: Callable[[Callable[[Staged], None]], _T]) -> _T:
+        """Run the capture step ``work`` in a worker thread, handing it the
+        callback that records each segment it stages on the way.
+
+        The callback persists the position there and then (the capture
+        relies on that, e.g. under its write barrier), but the accounting
+        (the staged list, the checksums, the counters, the replicas' lag)
+        is done here on the loop once the worker is done, also when it
+        failed half-way. Those structures belong to the loop, whose
+        uploaders read and replace them meanwhile: a worker appending to
+        and sorting the staged list (which reads as empty while sorted)
+        beside them could lose an object."""
+        done: list[tuple[Staged, int, int]] = []
+        base = self._loop_state()
+        capture = self._capture
+        assert capture is not None
+
+        def record(staged: Staged) -> None:  # in the worker thread
+            done.append((staged, capture.txid, capture.checksum))
+            added = sum(os.path.getsize(s.path) for s, _, _ in done)
+            self._save_state(
+                {
+                    **base,
+                    "since_snapshot_bytes": base["since_snapshot_bytes"] + added,
+                    "since_snapshot_count": base["since_snapshot_count"] + len(done),
+                }
+            )
+
+        try:
+            return await anyio.to_thread.run_sync(work, record)
+        finally:
+            for staged, txid, checksum in done:
+                self._record_segment(staged, txid, checksum)
+
+    def _record_segment(self, staged: Staged, txid: int, checksum: int) -> None:
+        """Account for a new staged segment (ending at ``txid``, after which
+        the database's checksum is ``checksum``), held until the next
+        release. On the loop only (see :meth:`_in_worker`)."""
+        self._txid = txid
+        self._remember_checksum(txid, checksum)
         self._mark_behind()
         obj = self._add_staged(staged)
         obj.held = True
         obj.page_bytes = staged.header.page_count * staged.header.page_size
         self._since_snapshot_bytes += obj.size
         self._since_snapshot_count += 1
-        self._save_state()
 
     async def _release_held(self, *, merge: bool = True) -> None:
         """Start a new interval: hand the held segments to the uploaders,
@@ -1195,8 +1230,7 @@ class Replicator:
         for part in run:
             self._staged.remove(part)
             self._staging.remove_object(part.key)
-        self._staged.append(obj)
-        self._staged.sort(key=lambda o: o.order)
+        self._staged = sorted([*self._staged, obj], key=lambda o: o.order)
 
     def _stage_merged(self, parts: list[_Obj], root: str | None) -> str:
         """Merge the consecutive segments ``parts`` into one staged object
@@ -1215,12 +1249,13 @@ class Replicator:
         asked = time.monotonic_ns()
         # A segment copied under the write barrier holds the few commits made
         # since the last capture: it goes with the next release.
-        staged = await anyio.to_thread.run_sync(
-            lambda: capture.checkpoint(
+        generation = self._gen()
+        staged = await self._in_worker(
+            lambda record: capture.checkpoint(
                 self._staging,
-                self._gen(),
+                generation,
                 truncate_over=self.options.truncate_wal_bytes,
-                on_staged=self._record_segment,
+                on_staged=record,
                 restart=restart,
             )
         )
@@ -1234,10 +1269,9 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
-        staged = await anyio.to_thread.run_sync(
-            lambda: capture.give_way(
-                self._staging, self._gen(), on_staged=self._record_segment, max_bytes=self._piece_bytes
-            )
+        generation, max_bytes = self._gen(), self._piece_bytes
+        staged = await self._in_worker(
+            lambda record: capture.give_way(self._staging, generation, on_staged=record, max_bytes=max_bytes)
         )
         if staged is not None:
             self._set_checked(asked)
@@ -1288,7 +1322,7 @@ class Replicator:
         self._last_snapshot_time = time.time()
         self._snapshot_after, self._snapshot_delay = 0.0, 10.0
         self._space_back()
-        await anyio.to_thread.run_sync(self._save_state)
+        await anyio.to_thread.run_sync(self._save_state, self._loop_state())
         self._kick_all()
 
     # -- upload ------------------------------------------------------------------
@@ -1539,9 +1573,10 @@ class Replicator:
             else:
                 obj = self._obj_from_key(key, compacted=True)
                 assert obj is not None
-                if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
-                    self._staged.append(obj)
-                self._staged.sort(key=lambda o: o.order)
+                staged = self._staged
+                if all(o.key != key for o in staged):  # (a crash may have merged it once already)
+                    staged = [*staged, obj]
+                self._staged = sorted(staged, key=lambda o: o.order)
                 self._kick_all()
         for obj in window:
             self._staging.remove_object(obj.key, self._staging.window)
