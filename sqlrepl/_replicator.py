@@ -629,10 +629,13 @@ class Replicator:
 
     async def _acquire_lock(self) -> bool:
         """Become the replicating process, or wait in standby until we can."""
-        await anyio.to_thread.run_sync(self._staging.ensure)
+        # (Both create files: the first start may meet a full staging disk.)
+        await self._until_room(self._staging.ensure)
         while not self._stop.is_set():
-            if await anyio.to_thread.run_sync(self._staging.try_lock):
+            if await self._until_room(self._staging.try_lock):
                 return True
+            if self._stop.is_set():
+                break
             if self._role != "standby":
                 log.info("%s is replicated by another process; standing by", self.database)
                 with self._cond:
@@ -696,7 +699,8 @@ class Replicator:
             log.error("cannot replicate %s: %s", self.database, exc)
             return
         self._capture = capture
-        self._writer = await anyio.to_thread.run_sync(load_writer_id, self._staging)
+        if not await self._load_writer():
+            return  # stopped while the staging disk was full
         self._load_replicas()
         await self._start_position()
         self._collect_staged()
@@ -727,6 +731,35 @@ class Replicator:
                     self._staging.root,
                 )
             tg.cancel_scope.cancel()
+
+    async def _load_writer(self) -> bool:
+        """Load (on the first start: make and store) this staging directory's
+        writer id; False if stopped while the staging disk was full."""
+        writer = await self._until_room(load_writer_id, self._staging)
+        if writer is None:
+            return False
+        self._writer = writer
+        return True
+
+    async def _until_room(self, func: Callable[..., _T], *args: Any) -> _T | None:
+        """``func(*args)`` in a worker thread. On a full staging disk, say so
+        (status() and one log line) and try again, as captures do, until
+        there is room; ``None`` if stopped meanwhile."""
+        backoff = 0.05
+        while True:
+            try:
+                result = await anyio.to_thread.run_sync(func, *args)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                await self._out_of_space(exc)
+                if self._stop.is_set():
+                    return None
+                await self._pause(backoff)
+                backoff = min(backoff * 2, self.options.retry_max)
+                continue
+            self._space_back()
+            return result
 
     def _open_nudge_socket(self) -> None:
         path = self._nudge_path
@@ -1057,9 +1090,12 @@ class Replicator:
         periodic snapshots. Commits never wait for any of it: the WAL keeps
         what is not copied (pinned), and grows meanwhile."""
         root = self._staging.root
+        inodes = ""
         try:
             st = os.statvfs(root)
             free = st.f_bavail * st.f_frsize
+            if st.f_files and not st.f_favail:  # (room for bytes, none for another file)
+                inodes = ", no free inodes"
         except OSError:
             free = 0
         capture = self._capture
@@ -1068,7 +1104,7 @@ class Replicator:
         except Exception:  # only for the message
             waiting = 0
         message = (
-            f"staging folder {root} is out of disk space ({exc}; {free / 2**20:.1f} MiB free):"
+            f"staging folder {root} is out of disk space ({exc}; {free / 2**20:.1f} MiB free{inodes}):"
             f" {waiting / 2**20:.1f} MiB of committed WAL wait to be copied. Commits go on (the WAL"
             " keeps them and grows meanwhile); free space on that filesystem, or give the staging"
             " folder a larger one, and replication resumes by itself"

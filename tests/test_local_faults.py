@@ -479,3 +479,70 @@ def test_stop_returns_while_a_new_generation_keeps_failing(tmp_path: Path) -> No
     assert "seen" in out
     assert "role stopped" in out, out
     assert "did not stop" not in out
+
+
+FIRST_START_ON_FULL_STAGING = r"""
+import errno, os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+# Full before sqlrepl ever ran here: not even its writer id fits (out of
+# bytes), or not even its folders (out of inodes).
+fillers = []
+try:
+    while True:
+        fillers.append(os.path.join(staging, f"filler{len(fillers)}"))
+        with open(fillers[-1], "wb", buffering=0) as f:
+            while sys.argv[4] == "bytes":
+                f.write(b"\0" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, exc
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    assert sqlrepl.status(db).role != "failed", sqlrepl.status(db)
+    time.sleep(0.05)
+print("error:", sqlrepl.status(db).error, flush=True)
+print("role", sqlrepl.status(db).role, flush=True)
+for filler in fillers:
+    if os.path.exists(filler):
+        os.unlink(filler)
+sqlrepl.sync(db, timeout=120)
+print("synced", flush=True)
+print("error after:", sqlrepl.status(db).error, flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+@pytest.mark.parametrize("full", ["bytes", "inodes"])
+def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full: str) -> None:
+    """The staging disk is full (of bytes, or of inodes) before sqlrepl first
+    runs, so not even its writer id (or its folders) can be stored: the
+    replicator says so (status() and one log line) and keeps trying instead
+    of crashing, and once room comes back sync() returns and the replica
+    restores equal to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    # (The size is a mount option: the inode limit goes with it.)
+    size = "1m" if full == "bytes" else "1m,nr_inodes=64"
+    here = str(Path(__file__).parent)
+    out = _in_private_tmpfs(staging, size, FIRST_START_ON_FULL_STAGING, str(db), url, here, full, timeout=400)
+    assert "error: staging folder" in out, out
+    assert out.count("is out of disk space") == 2, out  # status(), and one log line
+    assert "role starting" in out, out
+    if full == "inodes":
+        assert "MiB free, no free inodes)" in out, out
+    assert "synced" in out, out
+    assert "error after: None" in out, out
+    assert "crashed" not in out, out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
