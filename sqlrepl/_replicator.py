@@ -1480,8 +1480,25 @@ class Replicator:
         with self._cond:
             r.generation, r.txid, r.uploaded = None, 0, set()
             self._cond.notify_all()
-        await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        await self._record_replica(r)
         self._publish_progress()
+
+    async def _record_replica(self, r: _Replica) -> None:
+        """Write what ``r`` holds to its file in the staging folder (in a
+        worker thread; see :meth:`_write_replica_record`)."""
+        await anyio.to_thread.run_sync(self._write_replica_record, r.state_path, r.as_json())
+
+    def _write_replica_record(self, path: str, record: dict[str, Any]) -> None:
+        """A full staging disk (the capture loop reports it) is no fault of
+        the replica's, nor a reason to stop: the record is rewritten after
+        the next upload, and a crash before that costs the replica a fresh
+        snapshot, no data."""
+        try:
+            self._staging.write_json(path, record)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.debug("cannot record a replica's position in %s: %s", path, exc)
 
     async def _check_replica(self, r: _Replica) -> None:
         """At start (and after a configuration error): is the store there,
@@ -1521,15 +1538,7 @@ class Replicator:
                 ]
                 r.behind_since = max(r.behind_since, min(pending, default=r.behind_since))
             self._cond.notify_all()
-        try:
-            await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # A full staging disk (the capture loop reports it) is no fault of
-            # the replica's. The record is rewritten after the next upload; a
-            # crash before that costs the replica a fresh snapshot, no data.
-            log.debug("cannot record the upload position of %s: %s", r.url, exc)
+        await self._record_replica(r)
         self._collect_staged()
         self._publish_progress()
         if obj.kind == _SNAPSHOT and obj.generation == r.generation and r.watch is not None:
@@ -1652,7 +1661,7 @@ class Replicator:
             if r.last_error is not None and (r.generation is not None or r.uploaded):
                 dropped.append(r.url)
                 r.generation, r.txid, r.uploaded = None, 0, set()
-                self._staging.write_json(r.state_path, r.as_json())
+                self._write_replica_record(r.state_path, r.as_json())
         if dropped:
             err = StagingFullError(
                 f"staging for {self.database} reached its hard limit ({opts.staging_hard_limit} bytes):"

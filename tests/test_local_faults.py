@@ -546,3 +546,62 @@ def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full:
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+RESEED_ON_FULL_STAGING = r"""
+import errno, os, shutil, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options(replica_check_interval=0.2))
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(100000))")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+filler = os.path.join(staging, "filler")
+with open(filler, "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+# Emptied behind sqlrepl's back: the re-seed cannot record itself locally.
+replica = url[len("file://"):]
+shutil.rmtree(replica)
+os.mkdir(replica)
+deadline = time.monotonic() + 120
+while True:
+    status = sqlrepl.status(db)
+    if status.replicas[0].wipes and "No space left on device" in (status.error or ""):
+        break
+    assert time.monotonic() < deadline, status
+    time.sleep(0.05)
+print("noticed the wipe", flush=True)
+os.unlink(filler)
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+sqlrepl.sync(db, timeout=120)
+print("synced", flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: Path) -> None:
+    """A replica is emptied while the staging disk is full, so its re-seed
+    cannot record itself locally: that is reported as the full disk it is,
+    not as a failing replica, and once room comes back sync() returns and
+    the replica restores equal to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    here = str(Path(__file__).parent)
+    out = _in_private_tmpfs(staging, "1m", RESEED_ON_FULL_STAGING, str(db), url, here, timeout=400)
+    assert "noticed the wipe" in out, out
+    assert "synced" in out, out
+    assert "retrying with backoff" not in out, out  # (the replica failure's warning)
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
