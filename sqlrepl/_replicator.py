@@ -339,6 +339,7 @@ class Replicator:
         self._error: str | None = None
         self._replaced: str | None = None
         self._replaced_seen: str | None = None
+        self._wal_deleted_told = False  # (logged once per incident)
         self._stop = threading.Event()
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -995,6 +996,7 @@ class Replicator:
                 if frames >= opts.checkpoint_frames:
                     await self._checkpoint(restart=frames >= opts.wal_restart_frames)
                 backoff = 0.05
+                self._wal_deleted_told = False
                 if self._error is not None and not self._space_short:
                     with self._cond:
                         self._error = None
@@ -1015,6 +1017,8 @@ class Replicator:
                         exc,
                     )
                     return
+                if capture.wal_deleted():
+                    self._wal_deleted()
                 retries += 1
                 if retries >= 120:  # about two minutes without a consistent view
                     log.warning("%s: %s, %d times; starting a new generation", self.database, exc, retries)
@@ -1045,6 +1049,24 @@ class Replicator:
                 await self._sleep_until(min(due_at, now + opts.poll_interval))
             else:
                 await self._sleep(opts.poll_interval)
+
+    def _wal_deleted(self) -> None:
+        """The -wal file was deleted under the app: what is committed from
+        then on cannot be read, so replication cannot go on in this process.
+        Say so (status(), and once in the log) and what to do."""
+        message = (
+            f"the WAL file {self.database}-wal was deleted under the running app: commits since"
+            " go into the deleted file, where sqlrepl cannot read them, and are not replicated."
+            " Restart the app (once every connection to the database, sqlrepl's included, is"
+            " closed, SQLite writes those commits into the database file); replication then"
+            " resumes as a new generation. Never delete the -wal file of a database in use"
+        )
+        if not self._wal_deleted_told:
+            self._wal_deleted_told = True
+            log.warning("%s", message)
+        with self._cond:
+            self._error = message
+            self._cond.notify_all()
 
     async def _follow_replacement(self, reason: str) -> bool:
         """The database file was deleted or replaced under the running app.

@@ -605,3 +605,76 @@ def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: P
     restored = tmp_path / "restored.db"
     restore_fresh(url, restored)
     assert_same_database(db, restored)
+
+
+WAL_DELETED = r"""
+import logging, os, sys, threading, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+told, retries, deleted, retried = [], [], threading.Event(), threading.Event()
+class Watch(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if "was deleted under the running app" in message:
+            told.append(record.levelname)
+        elif deleted.is_set() and "capture again" in message:
+            retries.append(message)
+            if len(retries) >= 5:  # (failed a few times since the deletion)
+                retried.set()
+logging.getLogger("sqlrepl").addHandler(Watch())
+logging.getLogger("sqlrepl").setLevel(logging.DEBUG)
+conn = sqlrepl.connect(db, url, options=fast_options(exit_timeout=2.0))
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+conn.execute("INSERT INTO t(v) VALUES ('replicated')")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+rep = sqlrepl.get_replicator(db)
+deleted.set()
+os.unlink(db + "-wal")
+conn.execute("INSERT INTO t(v) VALUES ('in the deleted WAL')")
+conn.commit()
+assert retried.wait(600), "captures never failed after the deletion"
+print("error:", sqlrepl.status(db).error, flush=True)
+print("told", told, flush=True)
+sqlrepl.stop_all(timeout=2)  # (captures fail until then: it waits that long)
+print("role", rep.status.role, flush=True)
+conn.close()  # the last connection: SQLite writes the deleted WAL's commits into the database
+"""
+
+
+def test_wal_deleted_under_the_app_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    """The -wal file is deleted under the running app: status().error and
+    one WARNING line (however many captures fail after it) say so and what
+    to do; done (the app restarted), replication resumes as a new generation
+    and the replica restores equal to the database, the commits made into
+    the deleted WAL included."""
+    db = str(tmp_path / "app.db")
+    url = file_url(tmp_path / "replica")
+    out = subprocess.run(
+        [sys.executable, "-c", WAL_DELETED, db, url, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert f"error: the WAL file {db}-wal was deleted under the running app" in text, text
+    assert "Restart the app" in text, text
+    assert "told ['WARNING']" in text, text
+    assert "role stopped" in text, text
+    # The app restarted: a new generation holds what went into the deleted WAL.
+    conn = sqlrepl.connect(db, url, options=fast_options())
+    try:
+        rows = conn.execute("SELECT v FROM t ORDER BY id").fetchall()
+        assert rows == [("replicated",), ("in the deleted WAL",)]
+        sqlrepl.sync(db, timeout=60)
+        assert sqlrepl.status(db).error is None
+    finally:
+        conn.close()
+        sqlrepl.stop_all(timeout=10)
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
