@@ -745,6 +745,16 @@ class Capture:
         _pgno, _commit, _salt, c0, c1 = parse_frame_header(raw)
         return frame, (c0, c1)
 
+    def wal_deleted(self) -> bool:
+        """The wal-index says the WAL holds commits, but there is no -wal
+        file: it was deleted under the app, whose connections go on writing
+        into the deleted file (ours keep it from being removed otherwise)."""
+        try:
+            frames = self.index().max_frame
+        except CaptureRetry:
+            return False
+        return frames > 0 and not os.path.exists(self.wal_path)
+
     # -- checkpoints ------------------------------------------------------------
 
     def wal_frames(self) -> int:

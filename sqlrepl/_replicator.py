@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -68,6 +68,8 @@ from ._watch import ReplicaWatch, WatchView, load_writer_id
 # anyio in the replicator thread: a fork() while that thread is half-way
 # through an import would leave the child with half-initialised modules.
 importlib.import_module("anyio._backends._asyncio")
+
+_T = TypeVar("_T")
 
 __all__ = ["Options", "Replicator", "Status", "get_replicator", "stop_all"]
 
@@ -343,6 +345,7 @@ class Replicator:
         self._error: str | None = None
         self._replaced: str | None = None
         self._replaced_seen: str | None = None
+        self._wal_deleted_told = False  # (logged once per incident)
         self._stop = threading.Event()
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
@@ -541,10 +544,9 @@ class Replicator:
             since = min((o.timestamp_ms / 1000 for o in needed), default=now)
         return max(0.0, now - since), sum(o.size for o in needed)
 
-    def _remember_checksum(self) -> None:
-        assert self._capture is not None
+    def _remember_checksum(self, txid: int, checksum: int) -> None:
         checksums = self._checksums
-        checksums[self._capture.txid] = self._capture.checksum
+        checksums[txid] = checksum
         while len(checksums) > _CHECKSUMS_KEPT:
             del checksums[next(iter(checksums))]
 
@@ -638,10 +640,13 @@ class Replicator:
 
     async def _acquire_lock(self) -> bool:
         """Become the replicating process, or wait in standby until we can."""
-        await anyio.to_thread.run_sync(self._staging.ensure)
+        # (Both create files: the first start may meet a full staging disk.)
+        await self._until_room(self._staging.ensure)
         while not self._stop.is_set():
-            if await anyio.to_thread.run_sync(self._staging.try_lock):
+            if await self._until_room(self._staging.try_lock):
                 return True
+            if self._stop.is_set():
+                break
             if self._role != "standby":
                 log.info("%s is replicated by another process; standing by", self.database)
                 with self._cond:
@@ -705,7 +710,8 @@ class Replicator:
             log.error("cannot replicate %s: %s", self.database, exc)
             return
         self._capture = capture
-        self._writer = await anyio.to_thread.run_sync(load_writer_id, self._staging)
+        if not await self._load_writer():
+            return  # stopped while the staging disk was full
         self._load_replicas()
         await self._start_position()
         self._collect_staged()
@@ -736,6 +742,35 @@ class Replicator:
                     self._staging.root,
                 )
             tg.cancel_scope.cancel()
+
+    async def _load_writer(self) -> bool:
+        """Load (on the first start: make and store) this staging directory's
+        writer id; False if stopped while the staging disk was full."""
+        writer = await self._until_room(load_writer_id, self._staging)
+        if writer is None:
+            return False
+        self._writer = writer
+        return True
+
+    async def _until_room(self, func: Callable[..., _T], *args: Any) -> _T | None:
+        """``func(*args)`` in a worker thread. On a full staging disk, say so
+        (status() and one log line) and try again, as captures do, until
+        there is room; ``None`` if stopped meanwhile."""
+        backoff = 0.05
+        while True:
+            try:
+                result = await anyio.to_thread.run_sync(func, *args)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                await self._out_of_space(exc)
+                if self._stop.is_set():
+                    return None
+                await self._pause(backoff)
+                backoff = min(backoff * 2, self.options.retry_max)
+                continue
+            self._space_back()
+            return result
 
     def _open_nudge_socket(self) -> None:
         path = self._nudge_path
@@ -817,8 +852,7 @@ class Replicator:
     def _add_staged(self, staged: Staged) -> _Obj:
         obj = self._obj_from_key(staged.key)
         assert obj is not None
-        self._staged.append(obj)
-        self._staged.sort(key=lambda o: o.order)
+        self._staged = sorted([*self._staged, obj], key=lambda o: o.order)
         return obj
 
     async def _start_position(self) -> None:
@@ -839,7 +873,7 @@ class Replicator:
             assert state is not None
             self._generation = state["generation"]
             self._txid = capture.txid
-            self._remember_checksum()
+            self._remember_checksum(capture.txid, capture.checksum)
             self._since_snapshot_bytes = int(state.get("since_snapshot_bytes", 0))
             self._since_snapshot_count = int(state.get("since_snapshot_count", 0))
             self._last_snapshot_time = float(state.get("last_snapshot_time", self.options.clock()))
@@ -905,7 +939,7 @@ class Replicator:
         self._generation = generation
         self._txid = capture.txid
         self._checksums = {}
-        self._remember_checksum()
+        self._remember_checksum(capture.txid, capture.checksum)
         self._generations += 1
         self._snapshots += 1
         self._mark_behind()
@@ -915,20 +949,23 @@ class Replicator:
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = self.options.clock()
         self._snapshot_txids = [self._txid]
-        await anyio.to_thread.run_sync(self._save_state)
+        await anyio.to_thread.run_sync(self._save_state, self._loop_state())
 
-    def _save_state(self) -> None:
+    def _loop_state(self) -> dict[str, Any]:
+        """The loop's part of the persisted state, read on the loop."""
+        return {
+            "generation": self._generation,
+            "since_snapshot_bytes": self._since_snapshot_bytes,
+            "since_snapshot_count": self._since_snapshot_count,
+            "last_snapshot_time": self._last_snapshot_time,
+            "snapshot_txids": list(self._snapshot_txids),
+        }
+
+    def _save_state(self, loop_state: dict[str, Any]) -> None:
+        """Persist the position (in a worker thread, while the capture loop
+        waits on it: the capture's position is the worker's meanwhile)."""
         assert self._capture is not None
-        self._staging.write_state(
-            {
-                **self._capture.state(),
-                "generation": self._generation,
-                "since_snapshot_bytes": self._since_snapshot_bytes,
-                "since_snapshot_count": self._since_snapshot_count,
-                "last_snapshot_time": self._last_snapshot_time,
-                "snapshot_txids": self._snapshot_txids,
-            }
-        )
+        self._staging.write_state({**self._capture.state(), **loop_state})
 
     def _gen(self) -> str:
         assert self._generation is not None
@@ -992,6 +1029,7 @@ class Replicator:
                 if frames >= opts.checkpoint_frames:
                     await self._checkpoint(restart=frames >= opts.wal_restart_frames)
                 backoff = 0.05
+                self._wal_deleted_told = False
                 if self._error is not None and not self._space_short:
                     with self._cond:
                         self._error = None
@@ -1012,6 +1050,8 @@ class Replicator:
                         exc,
                     )
                     return
+                if capture.wal_deleted():
+                    self._wal_deleted()
                 retries += 1
                 if retries >= 120:  # about two minutes without a consistent view
                     log.warning("%s: %s, %d times; starting a new generation", self.database, exc, retries)
@@ -1042,6 +1082,24 @@ class Replicator:
                 await self._sleep_until(min(due_at, now + opts.poll_interval))
             else:
                 await self._sleep(opts.poll_interval)
+
+    def _wal_deleted(self) -> None:
+        """The -wal file was deleted under the app: what is committed from
+        then on cannot be read, so replication cannot go on in this process.
+        Say so (status(), and once in the log) and what to do."""
+        message = (
+            f"the WAL file {self.database}-wal was deleted under the running app: commits since"
+            " go into the deleted file, where sqlrepl cannot read them, and are not replicated."
+            " Restart the app (once every connection to the database, sqlrepl's included, is"
+            " closed, SQLite writes those commits into the database file); replication then"
+            " resumes as a new generation. Never delete the -wal file of a database in use"
+        )
+        if not self._wal_deleted_told:
+            self._wal_deleted_told = True
+            log.warning("%s", message)
+        with self._cond:
+            self._error = message
+            self._cond.notify_all()
 
     async def _follow_replacement(self, reason: str) -> bool:
         """The database file was deleted or replaced under the running app.
@@ -1087,9 +1145,12 @@ class Replicator:
         periodic snapshots. Commits never wait for any of it: the WAL keeps
         what is not copied (pinned), and grows meanwhile."""
         root = self._staging.root
+        inodes = ""
         try:
             st = os.statvfs(root)
             free = st.f_bavail * st.f_frsize
+            if st.f_files and not st.f_favail:  # (room for bytes, none for another file)
+                inodes = ", no free inodes"
         except OSError:
             free = 0
         capture = self._capture
@@ -1098,7 +1159,7 @@ class Replicator:
         except Exception:  # only for the message
             waiting = 0
         message = (
-            f"staging folder {root} is out of disk space ({exc}; {free / 2**20:.1f} MiB free):"
+            f"staging folder {root} is out of disk space ({exc}; {free / 2**20:.1f} MiB free{inodes}):"
             f" {waiting / 2**20:.1f} MiB of committed WAL wait to be copied. Commits go on (the WAL"
             " keeps them and grows meanwhile); free space on that filesystem, or give the staging"
             " folder a larger one, and replication resumes by itself"
@@ -1144,14 +1205,14 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
-        staged = await anyio.to_thread.run_sync(
-            lambda: capture.capture(
-                self._staging, self._gen(), max_bytes=self._piece_bytes, on_piece=self._record_segment
-            )
+        generation, max_bytes = self._gen(), self._piece_bytes
+        staged = await self._in_worker(
+            lambda record: capture.capture(self._staging, generation, max_bytes=max_bytes, on_piece=record)
         )
         if staged is not None:
             # Held either way: a release merges it with those held before it.
-            await anyio.to_thread.run_sync(self._record_segment, staged)
+            self._record_segment(staged, capture.txid, capture.checksum)
+            await anyio.to_thread.run_sync(self._save_state, self._loop_state())
         self._space_back()
         held = [o for o in self._staged if o.held]
         # Heavy writes: once a merge's worth is held, holding more only adds lag.
@@ -1160,20 +1221,52 @@ class Replicator:
         self._set_checked(asked)
         self._check_staging_limits()
 
-    def _record_segment(self, staged: Staged) -> None:
-        """Account for a new staged segment, held until the next release, and
-        persist the position (in a worker thread, while the capture loop
-        waits on it)."""
-        assert self._capture is not None
-        self._txid = self._capture.txid
-        self._remember_checksum()
+    async def _in_worker(self, work: Callable[[Callable[[Staged], None]], _T]) -> _T:
+        """Run the capture step ``work`` in a worker thread, handing it the
+        callback that records each segment it stages on the way.
+
+        The callback persists the position there and then (the capture
+        relies on that, e.g. under its write barrier), but the accounting
+        (the staged list, the checksums, the counters, the replicas' lag)
+        is done here on the loop once the worker is done, also when it
+        failed half-way. Those structures belong to the loop, whose
+        uploaders read and replace them meanwhile: a worker appending to
+        and sorting the staged list (which reads as empty while sorted)
+        beside them could lose an object."""
+        done: list[tuple[Staged, int, int]] = []
+        base = self._loop_state()
+        capture = self._capture
+        assert capture is not None
+
+        def record(staged: Staged) -> None:  # in the worker thread
+            done.append((staged, capture.txid, capture.checksum))
+            added = sum(os.path.getsize(s.path) for s, _, _ in done)
+            self._save_state(
+                {
+                    **base,
+                    "since_snapshot_bytes": base["since_snapshot_bytes"] + added,
+                    "since_snapshot_count": base["since_snapshot_count"] + len(done),
+                }
+            )
+
+        try:
+            return await anyio.to_thread.run_sync(work, record)
+        finally:
+            for staged, txid, checksum in done:
+                self._record_segment(staged, txid, checksum)
+
+    def _record_segment(self, staged: Staged, txid: int, checksum: int) -> None:
+        """Account for a new staged segment (ending at ``txid``, after which
+        the database's checksum is ``checksum``), held until the next
+        release. On the loop only (see :meth:`_in_worker`)."""
+        self._txid = txid
+        self._remember_checksum(txid, checksum)
         self._mark_behind()
         obj = self._add_staged(staged)
         obj.held = True
         obj.page_bytes = staged.header.page_count * staged.header.page_size
         self._since_snapshot_bytes += obj.size
         self._since_snapshot_count += 1
-        self._save_state()
 
     async def _release_held(self, *, merge: bool = True) -> None:
         """Start a new interval: hand the held segments to the uploaders,
@@ -1228,8 +1321,7 @@ class Replicator:
         for part in run:
             self._staged.remove(part)
             self._staging.remove_object(part.key)
-        self._staged.append(obj)
-        self._staged.sort(key=lambda o: o.order)
+        self._staged = sorted([*self._staged, obj], key=lambda o: o.order)
 
     def _stage_merged(self, parts: list[_Obj], root: str | None) -> str:
         """Merge the consecutive segments ``parts`` into one staged object
@@ -1248,12 +1340,13 @@ class Replicator:
         asked = time.monotonic_ns()
         # A segment copied under the write barrier holds the few commits made
         # since the last capture: it goes with the next release.
-        staged = await anyio.to_thread.run_sync(
-            lambda: capture.checkpoint(
+        generation = self._gen()
+        staged = await self._in_worker(
+            lambda record: capture.checkpoint(
                 self._staging,
-                self._gen(),
+                generation,
                 truncate_over=self.options.truncate_wal_bytes,
-                on_staged=self._record_segment,
+                on_staged=record,
                 restart=restart,
             )
         )
@@ -1267,10 +1360,9 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         asked = time.monotonic_ns()
-        staged = await anyio.to_thread.run_sync(
-            lambda: capture.give_way(
-                self._staging, self._gen(), on_staged=self._record_segment, max_bytes=self._piece_bytes
-            )
+        generation, max_bytes = self._gen(), self._piece_bytes
+        staged = await self._in_worker(
+            lambda record: capture.give_way(self._staging, generation, on_staged=record, max_bytes=max_bytes)
         )
         if staged is not None:
             self._set_checked(asked)
@@ -1331,7 +1423,7 @@ class Replicator:
         ]
         oldest = min((o.first for o in pending), default=self._txid)
         self._snapshot_txids = [t for t in self._snapshot_txids if t >= oldest] + [self._txid]
-        await anyio.to_thread.run_sync(self._save_state)
+        await anyio.to_thread.run_sync(self._save_state, self._loop_state())
         self._kick_all()
 
     # -- upload ------------------------------------------------------------------
@@ -1453,8 +1545,25 @@ class Replicator:
         with self._cond:
             r.generation, r.txid, r.uploaded = None, 0, set()
             self._cond.notify_all()
-        await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
+        await self._record_replica(r)
         self._publish_progress()
+
+    async def _record_replica(self, r: _Replica) -> None:
+        """Write what ``r`` holds to its file in the staging folder (in a
+        worker thread; see :meth:`_write_replica_record`)."""
+        await anyio.to_thread.run_sync(self._write_replica_record, r.state_path, r.as_json())
+
+    def _write_replica_record(self, path: str, record: dict[str, Any]) -> None:
+        """A full staging disk (the capture loop reports it) is no fault of
+        the replica's, nor a reason to stop: the record is rewritten after
+        the next upload, and a crash before that costs the replica a fresh
+        snapshot, no data."""
+        try:
+            self._staging.write_json(path, record)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.debug("cannot record a replica's position in %s: %s", path, exc)
 
     async def _check_replica(self, r: _Replica) -> None:
         """At start (and after a configuration error): is the store there,
@@ -1494,15 +1603,7 @@ class Replicator:
                 ]
                 r.behind_since = max(r.behind_since, min(pending, default=r.behind_since))
             self._cond.notify_all()
-        try:
-            await anyio.to_thread.run_sync(self._staging.write_json, r.state_path, r.as_json())
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # A full staging disk (the capture loop reports it) is no fault of
-            # the replica's. The record is rewritten after the next upload; a
-            # crash before that costs the replica a fresh snapshot, no data.
-            log.debug("cannot record the upload position of %s: %s", r.url, exc)
+        await self._record_replica(r)
         self._collect_staged()
         self._publish_progress()
         if obj.kind == _SNAPSHOT and obj.generation == r.generation and r.watch is not None:
@@ -1585,9 +1686,10 @@ class Replicator:
                 continue
             obj = self._obj_from_key(key, compacted=True)
             assert obj is not None
-            if all(o.key != key for o in self._staged):  # (a crash may have merged it once already)
-                self._staged.append(obj)
-            self._staged.sort(key=lambda o: o.order)
+            staged = self._staged
+            if all(o.key != key for o in staged):  # (a crash may have merged it once already)
+                staged = [*staged, obj]
+            self._staged = sorted(staged, key=lambda o: o.order)
             self._kick_all()
         for obj in window:
             self._staging.remove_object(obj.key, self._staging.window)
@@ -1627,7 +1729,7 @@ class Replicator:
             if r.last_error is not None and (r.generation is not None or r.uploaded):
                 dropped.append(r.url)
                 r.generation, r.txid, r.uploaded = None, 0, set()
-                self._staging.write_json(r.state_path, r.as_json())
+                self._write_replica_record(r.state_path, r.as_json())
         if dropped:
             err = StagingFullError(
                 f"staging for {self.database} reached its hard limit ({opts.staging_hard_limit} bytes):"

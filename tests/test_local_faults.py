@@ -479,3 +479,209 @@ def test_stop_returns_while_a_new_generation_keeps_failing(tmp_path: Path) -> No
     assert "seen" in out
     assert "role stopped" in out, out
     assert "did not stop" not in out
+
+
+FIRST_START_ON_FULL_STAGING = r"""
+import errno, os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+# Full before sqlrepl ever ran here: not even its writer id fits (out of
+# bytes), or not even its folders (out of inodes).
+fillers = []
+try:
+    while True:
+        fillers.append(os.path.join(staging, f"filler{len(fillers)}"))
+        with open(fillers[-1], "wb", buffering=0) as f:
+            while sys.argv[4] == "bytes":
+                f.write(b"\0" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, exc
+conn = sqlrepl.connect(db, url, options=fast_options())
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+deadline = time.monotonic() + 120
+while "No space left on device" not in (sqlrepl.status(db).error or ""):
+    assert time.monotonic() < deadline, sqlrepl.status(db)
+    assert sqlrepl.status(db).role != "failed", sqlrepl.status(db)
+    time.sleep(0.05)
+print("error:", sqlrepl.status(db).error, flush=True)
+print("role", sqlrepl.status(db).role, flush=True)
+for filler in fillers:
+    if os.path.exists(filler):
+        os.unlink(filler)
+sqlrepl.sync(db, timeout=120)
+print("synced", flush=True)
+print("error after:", sqlrepl.status(db).error, flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+@pytest.mark.parametrize("full", ["bytes", "inodes"])
+def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full: str) -> None:
+    """The staging disk is full (of bytes, or of inodes) before sqlrepl first
+    runs, so not even its writer id (or its folders) can be stored: the
+    replicator says so (status() and one log line) and keeps trying instead
+    of crashing, and once room comes back sync() returns and the replica
+    restores equal to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    # (The size is a mount option: the inode limit goes with it.)
+    size = "1m" if full == "bytes" else "1m,nr_inodes=64"
+    here = str(Path(__file__).parent)
+    out = _in_private_tmpfs(staging, size, FIRST_START_ON_FULL_STAGING, str(db), url, here, full, timeout=400)
+    assert "error: staging folder" in out, out
+    assert out.count("is out of disk space") == 2, out  # status(), and one log line
+    assert "role starting" in out, out
+    if full == "inodes":
+        assert "MiB free, no free inodes)" in out, out
+    assert "synced" in out, out
+    assert "error after: None" in out, out
+    assert "crashed" not in out, out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+RESEED_ON_FULL_STAGING = r"""
+import asyncio, errno, os, sys, time, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+from sqlrepl._replica import open_replica
+db, url = sys.argv[1], sys.argv[2]
+staging = db + "-sqlrepl"
+conn = sqlrepl.connect(db, url, options=fast_options(replica_check_interval=0.2))
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+conn.execute("INSERT INTO t(v) VALUES (randomblob(100000))")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+filler = os.path.join(staging, "filler")
+with open(filler, "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+# Emptied behind sqlrepl's back (every object deleted, as an operator or a
+# lifecycle rule would): the re-seed cannot record itself locally.
+async def wipe():
+    client = open_replica(url)
+    try:
+        await client.delete([o.key for o in await client.list()])
+    finally:
+        await client.aclose()
+asyncio.run(wipe())
+deadline = time.monotonic() + 120
+while True:
+    status = sqlrepl.status(db)
+    if status.replicas[0].wipes and "No space left on device" in (status.error or ""):
+        break
+    assert time.monotonic() < deadline, status
+    time.sleep(0.05)
+print("noticed the wipe", flush=True)
+os.unlink(filler)
+conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
+conn.commit()
+sqlrepl.sync(db, timeout=120)
+print("synced", flush=True)
+conn.close()
+sqlrepl.stop_all(timeout=10)
+"""
+
+
+def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: Path) -> None:
+    """A replica is emptied while the staging disk is full, so its re-seed
+    cannot record itself locally: that is reported as the full disk it is,
+    not as a failing replica, and once room comes back sync() returns and
+    the replica restores equal to the live database."""
+    db = tmp_path / "app.db"
+    staging = Path(str(db) + "-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    here = str(Path(__file__).parent)
+    out = _in_private_tmpfs(staging, "1m", RESEED_ON_FULL_STAGING, str(db), url, here, timeout=400)
+    assert "noticed the wipe" in out, out
+    assert "synced" in out, out
+    # (The wipe itself may fail a write of the replica's, which is its failure.)
+    assert "failed ([Errno 28] No space left on device); retrying" not in out, out
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
+WAL_DELETED = r"""
+import logging, os, sys, threading, sqlrepl
+sys.path.insert(0, sys.argv[3])
+from helpers import fast_options
+db, url = sys.argv[1], sys.argv[2]
+told, retries, deleted, retried = [], [], threading.Event(), threading.Event()
+class Watch(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if "was deleted under the running app" in message:
+            told.append(record.levelname)
+        elif deleted.is_set() and "capture again" in message:
+            retries.append(message)
+            if len(retries) >= 5:  # (failed a few times since the deletion)
+                retried.set()
+logging.getLogger("sqlrepl").addHandler(Watch())
+logging.getLogger("sqlrepl").setLevel(logging.DEBUG)
+conn = sqlrepl.connect(db, url, options=fast_options(exit_timeout=2.0))
+conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+conn.execute("INSERT INTO t(v) VALUES ('replicated')")
+conn.commit()
+sqlrepl.sync(db, timeout=60)
+rep = sqlrepl.get_replicator(db)
+deleted.set()
+os.unlink(db + "-wal")
+conn.execute("INSERT INTO t(v) VALUES ('in the deleted WAL')")
+conn.commit()
+assert retried.wait(600), "captures never failed after the deletion"
+print("error:", sqlrepl.status(db).error, flush=True)
+print("told", told, flush=True)
+sqlrepl.stop_all(timeout=2)  # (captures fail until then: it waits that long)
+print("role", rep.status.role, flush=True)
+conn.close()  # the last connection: SQLite writes the deleted WAL's commits into the database
+"""
+
+
+def test_wal_deleted_under_the_app_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    """The -wal file is deleted under the running app: status().error and
+    one WARNING line (however many captures fail after it) say so and what
+    to do; done (the app restarted), replication resumes as a new generation
+    and the replica restores equal to the database, the commits made into
+    the deleted WAL included."""
+    db = str(tmp_path / "app.db")
+    url = file_url(tmp_path / "replica")
+    out = subprocess.run(
+        [sys.executable, "-c", WAL_DELETED, db, url, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert f"error: the WAL file {db}-wal was deleted under the running app" in text, text
+    assert "Restart the app" in text, text
+    assert "told ['WARNING']" in text, text
+    assert "role stopped" in text, text
+    # The app restarted: a new generation holds what went into the deleted WAL.
+    conn = sqlrepl.connect(db, url, options=fast_options())
+    try:
+        rows = conn.execute("SELECT v FROM t ORDER BY id").fetchall()
+        assert rows == [("replicated",), ("in the deleted WAL",)]
+        sqlrepl.sync(db, timeout=60)
+        assert sqlrepl.status(db).error is None
+    finally:
+        conn.close()
+        sqlrepl.stop_all(timeout=10)
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
