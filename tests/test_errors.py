@@ -146,25 +146,29 @@ def test_bad_sync_timeout_is_a_config_error(db_path: str, tmp_path: Path, timeou
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("fields", "message"),
     [
-        (sqlrepl.Options(sync_interval=float("nan")), "option sync_interval must be a finite number"),
-        (sqlrepl.Options(sync_interval=float("inf")), "option sync_interval must be a finite number"),
-        (sqlrepl.Options(sync_interval=True), "option sync_interval must be a finite number"),
-        (sqlrepl.Options(snapshot_interval=-5), "option snapshot_interval"),
-        (sqlrepl.Options(retention=-1), r"option retention must be .*\(or None\)"),
-        (sqlrepl.Options(compaction_interval=float("nan")), "option compaction_interval"),
-        (sqlrepl.Options(checkpoint_frames=2.5), "option checkpoint_frames must be a whole number"),  # type: ignore[arg-type]
-        (sqlrepl.Options(staging_hard_limit=-1), "option staging_hard_limit must be a whole number"),
-        ({"sync_interval": 1}, "options must be a sqlrepl.Options, got dict"),
+        ({"sync_interval": float("nan")}, "option sync_interval must be a finite number"),
+        ({"sync_interval": float("inf")}, "option sync_interval must be a finite number"),
+        ({"sync_interval": True}, "option sync_interval must be a finite number"),
+        ({"snapshot_interval": -5}, "option snapshot_interval"),
+        ({"retention": -1}, r"option retention must be .*\(or None\)"),
+        ({"compaction_interval": float("nan")}, "option compaction_interval"),
+        ({"checkpoint_frames": 2.5}, "option checkpoint_frames must be a whole number"),
+        ({"checkpoint_frames": "3"}, "option checkpoint_frames must be a whole number"),
+        ({"staging_hard_limit": -1}, "option staging_hard_limit must be a whole number"),
     ],
 )
-def test_bad_option_values_are_refused_at_connect(
-    db_path: str, tmp_path: Path, options: object, message: str
-) -> None:
-    """Options that are NaN, infinite, negative, a bool or the wrong kind fail connect(): ConfigError."""
+def test_bad_option_values_are_refused(fields: dict[str, object], message: str) -> None:
+    """Options that are NaN, infinite, negative, a bool or the wrong kind: Options() raises ConfigError."""
     with pytest.raises(sqlrepl.ConfigError, match=message):
-        sqlrepl.connect(db_path, file_url(tmp_path / "r"), options=options)  # type: ignore[arg-type]
+        sqlrepl.Options(**fields)  # type: ignore[arg-type]
+
+
+def test_options_must_be_options(db_path: str, tmp_path: Path) -> None:
+    """connect(options=...) given something other than an Options instance: ConfigError."""
+    with pytest.raises(sqlrepl.ConfigError, match=r"options must be a sqlrepl\.Options, got dict"):
+        sqlrepl.connect(db_path, file_url(tmp_path / "r"), options={"sync_interval": 1})  # type: ignore[arg-type]
     assert not os.path.exists(db_path)
 
 
