@@ -776,11 +776,12 @@ class Replicator:
         path = self._nudge_path
         with contextlib.suppress(OSError):
             os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.bind(path)
             sock.setblocking(False)
         except OSError as exc:  # a path too long for AF_UNIX: peers fall back to polling
+            sock.close()
             log.debug("no nudge socket at %s: %s", path, exc)
             return
         self._nudge_sock = sock

@@ -282,3 +282,18 @@ def test_standby_takes_over_when_the_replicator_exits(tmp_path: Path) -> None:
     restored = tmp_path / "restored.db"
     assert sqlrepl.restore(str(restored), url) is not None
     assert_same_database(db, restored)
+
+
+def test_a_nudge_socket_path_too_long_leaks_no_descriptor(tmp_path: Path) -> None:
+    """A staging folder too deep for an AF_UNIX path: no socket, and no descriptor left open for it."""
+    from sqlrepl._replicator import Replicator
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    replicator = Replicator(str(deep / "app.db"), [file_url(tmp_path / "r")])
+    assert len(replicator._nudge_path.encode()) > 108
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        replicator._open_nudge_socket()
+    assert replicator._nudge_sock is None
+    assert len(os.listdir("/proc/self/fd")) == before
