@@ -118,7 +118,7 @@ def test_errors_exit_2_with_a_message(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        ("text", "is not a readable SQLite database"),
+        ("text", "cannot be read as a SQLite database"),
         ("missing", "does not exist; give the path of the live database"),
         ("directory", "is a directory; give the path of the live database"),
     ],

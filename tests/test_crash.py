@@ -90,13 +90,27 @@ def _run_writer(db: str, url: str, seed: int, delay: float, *, after_ack: bool) 
     while True:
         line = lines.get(timeout=120)
         if line is None:
-            pytest.fail(f"the writer exited before its first commit: {proc.communicate(timeout=60)[1]}")
+            proc.wait(timeout=60)
+            reader.join(timeout=60)
+            assert proc.stderr is not None
+            assert proc.stdout is not None
+            err = proc.stderr.read()
+            proc.stderr.close()
+            proc.stdout.close()
+            pytest.fail(f"the writer exited before its first commit: {err}")
         if line.startswith("acked" if after_ack else "committed"):
             break
     time.sleep(delay)  # where the kill falls: anywhere after start-up, not a synchronisation
     proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    # stdout is the reader thread's alone (communicate() would read it too,
+    # and close it under the reader): it ends at the pipe's end of file.
     reader.join(timeout=60)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.stdout is not None
+    proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, err
     start, acked = -1, 0
     for line in out:

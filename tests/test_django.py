@@ -517,7 +517,9 @@ BAD_SETTINGS = [
     pytest.param({"restore": "yes"}, "must be True or False", id="restore"),
     pytest.param({"options": {"sync_intervall": 1}}, "unknown field(s) 'sync_intervall'", id="options-field"),
     pytest.param(
-        {"options": {"sync_interval": -1}}, "sync_interval must be a number >= 0", id="options-value"
+        {"options": {"sync_interval": -1}},
+        "sync_interval must be a finite number of seconds >= 0",
+        id="options-value",
     ),
     pytest.param({"init_command": "PRAGMA journal_mode=DELETE"}, "breaks replication", id="journal-mode"),
     pytest.param(

@@ -203,7 +203,7 @@ def test_relative_path_is_in_the_instance_folder(tmp_path: Path) -> None:
         ({"SQLREPL_DURABILITY": "eventually"}, "must be 'async' or 'replicated'"),
         ({"SQLREPL_RESTORE": "no"}, "must be True or False"),
         ({"SQLREPL_OPTIONS": {"sync_every": 1}}, "SQLREPL_OPTIONS has unknown field(s) 'sync_every'"),
-        ({"SQLREPL_OPTIONS": {"sync_interval": -2}}, "sync_interval must be a number >= 0"),
+        ({"SQLREPL_OPTIONS": {"sync_interval": -2}}, "sync_interval must be a finite number of seconds >= 0"),
         ({"SQLREPL_CONNECT_ARGS": {"database": "other.db"}}, "SQLREPL_CONNECT_ARGS must be a dict"),
     ],
     ids=lambda v: "" if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v)[:60],

@@ -572,6 +572,13 @@ with open(filler, "wb", buffering=0) as f:
 async def wipe():
     client = open_replica(url)
     try:
+        # The writer record goes up just after the snapshot sync() waited
+        # for: a listing taken before it would leave it, and the replica
+        # would not look emptied.
+        deadline = time.monotonic() + 120
+        while not any(o.key.startswith("writers/") for o in await client.list()):
+            assert time.monotonic() < deadline, "no writer record reached the replica"
+            await asyncio.sleep(0.05)
         await client.delete([o.key for o in await client.list()])
     finally:
         await client.aclose()
