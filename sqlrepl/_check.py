@@ -21,6 +21,7 @@ __all__ = [
     "check_options",
     "check_timeout",
     "as_urls",
+    "is_client",
     "count",
     "timestamp_ms",
     "txid",
@@ -127,9 +128,22 @@ def check_database_path(path: str, *, role: str, folder_must_exist: bool) -> Non
         raise ConfigError(f"{role} {path}: folder {folder} does not exist; create it first")
 
 
+def is_client(obj: Any) -> bool:
+    """Is ``obj`` a replica client (rather than a URL)? Also true of a
+    wrapper that delegates through ``__getattr__``: from Python 3.12 on,
+    ``isinstance()`` against a Protocol does not see such members."""
+    from ._replica import ReplicaClient  # (here: no import cycle at start-up)
+
+    if isinstance(obj, ReplicaClient):
+        return True
+    return not isinstance(obj, str) and all(
+        callable(getattr(obj, m, None)) for m in ("list", "get", "aclose")
+    )
+
+
 def as_urls(replica: Any, *, what: str) -> tuple[Any, ...]:
-    """One replica or a non-empty sequence of them, as a tuple."""
-    if isinstance(replica, str):
+    """One replica (a URL or a client) or a sequence of them, as a tuple."""
+    if isinstance(replica, str) or is_client(replica):
         return (replica,)
     if isinstance(replica, list | tuple):
         return tuple(replica)

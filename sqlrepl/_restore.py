@@ -447,11 +447,8 @@ async def restore_async(
     ``progress`` is called in the event loop's thread)."""
     tracker = Progress(progress)
     path = os.path.abspath(os.fspath(database))  # noqa: ASYNC240 - string work and getcwd() only
-    if isinstance(replica, str | ReplicaClient):
-        replicas: list[str | ReplicaClient] = [replica]
-    else:
-        replicas = list(_check.as_urls(replica, what="replica"))
-    if not replicas or not all(isinstance(r, ReplicaClient) or (isinstance(r, str) and r) for r in replicas):
+    replicas: list[str | ReplicaClient] = list(_check.as_urls(replica, what="replica"))
+    if not replicas or not all(_check.is_client(r) or (isinstance(r, str) and r) for r in replicas):
         raise ConfigError(f"restore needs a replica URL or a non-empty list of them, got {replica!r}")
     # Checked here, before any work: a bad target found after the download
     # would be a raw Python error, and a wasted download.
