@@ -33,7 +33,9 @@ def test_django_suite_passes_as_on_the_stock_backend(capsys: pytest.CaptureFixtu
     # path longer than AF_UNIX allows (108 bytes).
     work = Path(tempfile.mkdtemp(prefix="djsuite-"))
     try:
-        code = django_suite.main([*CI_LABELS, "--work", str(work), "--parallel", "2"])
+        # One process: without tblib, a failure in a parallel run aborts the run
+        # (and Django 6 on Python 3.13 shows an order-dependent one there).
+        code = django_suite.main([*CI_LABELS, "--work", str(work), "--parallel", "1"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = capsys.readouterr().out

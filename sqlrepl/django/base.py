@@ -629,9 +629,15 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
         )
         if config.test_replicas:
             # (On the instance: the creation class may be a wrapped backend's.)
+            # Through a weak proxy: the creation object holding a strong
+            # reference to itself would be a cycle that only the garbage
+            # collector frees (Django's own suite checks for none).
             creation = self.creation
-            creation._destroy_test_db = functools.partial(_destroy_test_db, creation._destroy_test_db, config)
-            creation._clone_test_db = functools.partial(_clone_test_db, creation, config)
+            weak = weakref.proxy(creation)
+            creation._destroy_test_db = functools.partial(
+                _destroy_test_db, functools.partial(type(creation)._destroy_test_db, weak), config
+            )
+            creation._clone_test_db = functools.partial(_clone_test_db, weak, config)
         _live.add(self)
 
     def copy(self, alias: str | None = None) -> Any:
@@ -871,7 +877,7 @@ def _clone_test_db(
     backup, since the database is in WAL mode and its newest pages are in
     the ``-wal`` file, which the stock clone (a copy of the main file) misses.
     The clones are not replicated."""
-    clone = type(creation)._clone_test_db
+    clone = creation.__class__._clone_test_db  # (a weak proxy's type is the proxy's)
     source = creation.connection.settings_dict["NAME"]
     path = _database_path(os.fspath(source)) if source else None
     if path is None or path != config.test_database:
