@@ -22,7 +22,9 @@ from helpers import ROOT, dump, fast_options, file_url, integrity
 import sqlrepl
 from sqlrepl import _format
 from sqlrepl._compact import merge_segments
+from sqlrepl._follow_feed import Step, next_step
 from sqlrepl._format import SegmentKey
+from sqlrepl._lifecycle import Generation, group_generations
 from sqlrepl._replica import ObjectInfo, ReplicaClient, RequestStats
 
 ACCOUNTS = 100
@@ -389,7 +391,7 @@ def test_bad_arguments_are_config_errors(tmp_path: Path, arguments: dict[str, ob
 
 
 def test_edge_arguments_are_accepted(tmp_path: Path) -> None:
-    """The smallest sensible values (a tiny poll interval, no lock wait, a generation check every poll) are accepted."""
+    """The smallest sensible values (a tiny poll interval, no lock wait) are accepted."""
     follower = sqlrepl.Follower(
         tmp_path / "c.db",
         file_url(tmp_path / "replica"),
@@ -609,3 +611,32 @@ def test_a_merged_segment_that_covers_the_copy_is_applied(tmp_path: Path) -> Non
     assert done.txid == last
     assert done.requests["GET"] == 1  # the merged segment alone: no re-seed
     assert dump(copy) == dump(primary)
+
+
+def _listing(*keys: str) -> list[Generation]:
+    return group_generations(ObjectInfo(k, 100) for k in keys)
+
+
+def _decided(step: Step) -> tuple[str | None, bool, list[str]]:
+    return (step.move_to.id if step.move_to else None, step.fresh, [k.key for k, _ in step.segments])
+
+
+def test_next_step_decides_from_a_listing_alone() -> None:
+    """next_step applies the segments that continue the copy, moves to a newer
+    generation (or on a re-seed) fresh, and re-seeds when the chain is gone."""
+    old, new = "20260101T000000000Z-aaaaaa", "20260102T000000000Z-bbbbbb"
+    snap = _format.snapshot_key(old, 5, 1)
+    seg = _format.segment_key(old, 6, 8, 2)
+    merged = _format.segment_key(old, 3, 9, 3)
+    assert _decided(next_step(_listing(seg), old, 5, reseed=False)) == (None, False, [])  # no snapshot
+    assert _decided(next_step(_listing(snap, seg, merged), old, 5, reseed=False)) == (
+        None,
+        False,
+        [merged, seg],
+    )
+    assert _decided(next_step(_listing(snap, seg), old, 8, reseed=False)) == (None, False, [])
+    gap = _listing(snap, _format.segment_key(old, 7, 9, 2))
+    assert _decided(next_step(gap, old, 5, reseed=False)) == (old, False, [])
+    newer = _listing(snap, seg, _format.snapshot_key(new, 20, 4))
+    assert _decided(next_step(newer, old, 8, reseed=False)) == (new, True, [])
+    assert _decided(next_step(_listing(snap, seg), old, 8, reseed=True)) == (old, True, [])
