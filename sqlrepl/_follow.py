@@ -465,8 +465,10 @@ def follow(
     applied. Any process may read ``database`` with plain ``sqlite3``
     meanwhile: see docs/follow.md for what readers are guaranteed.
 
-    ``lock_timeout``: how long an apply waits for readers to finish their
-    read transactions before it gives up and tries again at the next poll.
+    ``poll_interval``: seconds, finite and > 0. ``generation_check_every``:
+    a whole number >= 1. ``lock_timeout``: how long an apply waits for
+    readers to finish their read transactions before it gives up and tries
+    again at the next poll (seconds, finite and >= 0; 0 never waits).
     ``overwrite``: replace an existing file that is not a follower's copy.
     ``on_apply``: called after each applied batch, from a thread of the follower
     (keep it short: the next poll waits for it).
