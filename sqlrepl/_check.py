@@ -23,6 +23,7 @@ __all__ = [
     "as_urls",
     "is_client",
     "count",
+    "seconds",
     "timestamp_ms",
     "txid",
 ]
@@ -43,6 +44,20 @@ def check_timeout(name: str, value: object) -> float | None:
             f"{name} must be a number of seconds >= 0 (or None to wait for ever), got {value!r}"
         )
     return None if math.isinf(value) else float(value)  # type: ignore[arg-type]
+
+
+def seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite number of seconds, > 0 if ``positive``, else >= 0 (an
+    interval, or a wait that must end). NaN, infinities, bools and strings
+    are refused."""
+    low = "> 0" if positive else ">= 0"
+    if (
+        not _is_number(value)
+        or not math.isfinite(value)  # type: ignore[arg-type]
+        or (value <= 0 if positive else value < 0)  # type: ignore[operator]
+    ):
+        raise ConfigError(f"{name} must be a finite number of seconds {low}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def count(name: str, value: object, *, minimum: int = 0) -> int:

@@ -237,16 +237,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sqlrepl",
-        description="Continuous replication of SQLite databases to S3 or a folder.",
-        epilog="Replica URLs: s3://bucket/prefix[?endpoint=URL&region=R] (credentials from AWS_* variables),"
-        " file:///absolute/path.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what sqlrepl does")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl restore``: every way to choose what to restore."""
     p = sub.add_parser(
         "restore",
         help="rebuild a database from a replica",
@@ -286,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallelism", type=int, default=8, help="parallel downloads (default 8)")
     p.set_defaults(func=cmd_restore)
 
+
+def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl replicate``: the sidecar for databases other programs write."""
     p = sub.add_parser(
         "replicate",
         help="replicate a database written by other programs (sidecar mode)",
@@ -298,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-timeout", type=float, default=30.0, help="seconds to upload at exit (default 30)")
     p.set_defaults(func=cmd_replicate)
 
+
+def _add_follow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl follow``: a read replica in the foreground."""
     p = sub.add_parser(
         "follow",
         help="keep a read-only copy of a replicated database current (read replica)",
@@ -312,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="print a line after each applied batch")
     p.set_defaults(func=cmd_follow)
 
+
+def _add_listings(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl generations|snapshots|segments``: what a replica holds."""
     for name, func, text in (
         ("generations", cmd_generations, "list the generations in a replica"),
         ("snapshots", cmd_snapshots, "list the snapshots in a replica"),
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
 
+
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl verify``: a replica against the live database."""
     p = sub.add_parser(
         "verify",
         help="restore to a temporary file and compare with the live database",
@@ -334,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("replica")
     p.set_defaults(func=cmd_verify)
 
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl status``: what the replicating process published."""
     p = sub.add_parser(
         "status",
         help="what the replicating process of a database has done",
@@ -345,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     p.set_defaults(func=cmd_status)
 
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl demo``: the whole round trip on a local folder."""
     p = sub.add_parser(
         "demo",
         help="replicate, delete, restore and show a demo database",
@@ -353,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", default="sqlrepl-demo", help="folder for the demo (default ./sqlrepl-demo)")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sqlrepl",
+        description="Continuous replication of SQLite databases to S3 or a folder.",
+        epilog="Replica URLs: s3://bucket/prefix[?endpoint=URL&region=R] (credentials from AWS_* variables),"
+        " file:///absolute/path.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what sqlrepl does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_restore(sub)
+    _add_replicate(sub)
+    _add_follow(sub)
+    _add_listings(sub)
+    _add_verify(sub)
+    _add_status(sub)
+    _add_demo(sub)
     return parser
 
 
