@@ -62,6 +62,7 @@ from ._errors import (
     ReplicaNotFoundError,
     ReplicaUnavailableError,
 )
+from ._progress import upload_sent
 from ._replica import ObjectInfo, RequestStats, request_kind
 
 log = logging.getLogger("sqlrepl")
@@ -647,6 +648,7 @@ class S3ReplicaClient:
                     ContentMD5=md5,
                 )
                 etags[n] = response["ETag"]
+                upload_sent(length)  # progress hook: a part is stored
 
         await _run_all([worker for _ in range(min(self._settings.upload_concurrency, count))])
         return etags
