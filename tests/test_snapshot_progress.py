@@ -3,13 +3,20 @@ status().snapshot_progress, and `sqlrepl replicate`'s bar on a terminal only."""
 
 from __future__ import annotations
 
+import glob
 import os
+import pty
+import select
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_database, fast_options, file_url
+from helpers import ROOT, assert_same_database, fast_options, file_url
 
 import sqlrepl
 from sqlrepl._progress import SnapshotTracker, stored_bound, upload_sent
@@ -158,3 +165,86 @@ def test_tracker_adds_up_jobs_and_never_goes_back() -> None:
     t.scanning(4096 * 50, 4096)  # a periodic snapshot's scan: not tracked
     t.scanned(4096 * 10)
     assert calls.calls[-1] == (4096 * 4 + 4096 * 5 + 1000,) * 2
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def _replicate_args(db: str, url: str) -> list[str]:
+    return [sys.executable, "-m", "sqlrepl", "replicate", db, url]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"}
+
+
+def _snapshot_stored(replica: Path) -> bool:
+    return bool(glob.glob(str(replica / "generations" / "*" / "snapshots" / "*")))
+
+
+def test_replicate_bar_on_a_terminal(tmp_path: Path) -> None:
+    """Under a pseudo-terminal, `sqlrepl replicate` draws a bar for the first snapshot that reaches 100%."""
+    db = _large_database(tmp_path / "app.db", mib=8)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        _replicate_args(db, file_url(tmp_path / "replica")),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=_env(),
+    )
+    os.close(follower)
+    out = bytearray()
+    deadline = time.monotonic() + 120
+    try:
+        while b"snapshot: 100%" not in out and time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    out += os.read(leader, 4096)
+                except OSError:
+                    break  # (the child closed the terminal: it ended)
+        proc.send_signal(signal.SIGINT)
+        while True:  # the rest, until the child closes the terminal
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+    text = out.decode(errors="replace")
+    assert proc.wait(timeout=60) == 0, text
+    assert "snapshot: 100%" in text, text
+    assert "\r" in text  # redrawn in place
+    assert _snapshot_stored(tmp_path / "replica")
+
+
+def test_replicate_no_bar_in_a_pipe(tmp_path: Path) -> None:
+    """With stdout and stderr piped, `sqlrepl replicate` draws no bar for the first snapshot."""
+    db = _large_database(tmp_path / "app.db", mib=8)
+    replica = tmp_path / "replica"
+    proc = subprocess.Popen(
+        _replicate_args(db, file_url(replica)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _snapshot_stored(replica) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # (polling for the event: the snapshot in the replica)
+        assert _snapshot_stored(replica)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith("replicating ")
+    assert "%" not in stdout + stderr
+    assert "\r" not in stdout + stderr
