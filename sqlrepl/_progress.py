@@ -106,8 +106,10 @@ class SnapshotProgress:
     """A snapshot that replicas must receive before they hold the database:
     the first of a generation (a database replicated for the first time, or
     after lost continuity), or one a replica asked for (a replica added,
-    emptied, or dropped for falling too far behind). Periodic snapshots,
-    which only shorten restores, are not tracked.
+    emptied, or dropped for falling too far behind), or such a snapshot
+    left staged by an earlier run whose upload a restart cut short
+    (``"resumed"``: nothing is read for it, so its database figures are 0).
+    Periodic snapshots, which only shorten restores, are not tracked.
 
     Figures are bytes. ``database_bytes`` is the database's size, which the
     snapshot reads whole; ``read_bytes`` how much of it has been read into
@@ -127,7 +129,7 @@ class SnapshotProgress:
     """
 
     generation: str
-    reason: str  # "new generation" or "replica needs one"
+    reason: str  # "new generation", "replica needs one" or "resumed"
     state: str
     started: float  # Unix time
     finished: float | None
@@ -238,6 +240,21 @@ class SnapshotTracker:
         with self._lock:
             self._close("given up")
             self._job = _Job(generation, reason, replicas, self._clock())
+            self._publish()
+
+    def resume(self, generation: str, key: str, size: int, uploaders: list[tuple[int, str]]) -> None:
+        """Track the upload of snapshot ``key`` (``size`` bytes) of
+        ``generation``, left staged by an earlier run (a restart cut its
+        upload short), to ``uploaders`` (id, URL). Nothing is read for it in
+        this run: its figures are the uploads alone."""
+        with self._lock:
+            if self._job is not None and self._job.key == key:
+                return
+            self._close("given up")
+            job = self._job = _Job(generation, "resumed", len(uploaders), self._clock())
+            job.key, job.stored, job.state = key, size, "uploading"
+            job.uploads = {rid: (url, _Part(size)) for rid, url in uploaders}
+            self._finish_if_done()
             self._publish()
 
     def scanning(self, database_bytes: int, page_size: int) -> bool:

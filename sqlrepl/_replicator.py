@@ -729,6 +729,7 @@ class Replicator:
         self._load_replicas()
         await self._start_position()
         self._collect_staged()
+        self._track_leftover()  # progress hook
         with self._cond:
             self._role = "replicating"
             self._cond.notify_all()
@@ -1454,6 +1455,17 @@ class Replicator:
         obj = next(o for o in self._staged if o.key == staged.key)
         uploaders = [(id(r), r.url) for r in self._replicas if self._role_of(r, obj) == "upload"]
         self._snapshot_progress.staged(obj.key, obj.size, uploaders)
+
+    def _track_leftover(self) -> None:
+        """Progress hook: a snapshot an earlier run staged and did not get
+        into every replica that lacks the generation (a restart cut the
+        upload of a first snapshot short) is tracked as it is uploaded."""
+        obj = self._newest_snapshot()
+        if obj is None or all(r.generation == obj.generation for r in self._replicas):
+            return
+        uploaders = [(id(r), r.url) for r in self._replicas if self._role_of(r, obj) == "upload"]
+        if uploaders:
+            self._snapshot_progress.resume(obj.generation, obj.key, obj.size, uploaders)
 
     def _kick(self, r: _Replica) -> None:
         if r.work is not None:

@@ -248,3 +248,59 @@ def test_replicate_no_bar_in_a_pipe(tmp_path: Path) -> None:
     assert stdout.startswith("replicating ")
     assert "%" not in stdout + stderr
     assert "\r" not in stdout + stderr
+
+
+def _wait_for(predicate: object, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)  # (polling for the event, not waiting for it to happen)
+
+
+def test_a_replica_added_later_is_reported(tmp_path: Path) -> None:
+    """A replica added later gets a snapshot, reported ("replica needs one") up to its total."""
+    db = _large_database(tmp_path / "app.db", mib=6)
+    first, second = file_url(tmp_path / "r1"), file_url(tmp_path / "r2")
+    sqlrepl.connect(db, first, options=fast_options()).close()
+    sqlrepl.sync(db, timeout=120)
+    sqlrepl.stop_all()
+
+    calls = Calls()
+    sqlrepl.connect(db, [first, second], options=fast_options(progress=calls)).close()
+    sqlrepl.sync(db, timeout=120)
+    _assert_forward_to_total(calls.calls)
+    snap = sqlrepl.status(db).snapshot_progress
+    assert snap is not None
+    assert (snap.reason, snap.state) == ("replica needs one", "done")
+    assert snap.database_bytes == os.path.getsize(db)
+    assert second in snap.uploaded_bytes
+    out = tmp_path / "restored.db"
+    assert sqlrepl.restore(str(out), second) is not None
+    assert_same_database(db, out)
+
+
+def test_a_first_snapshot_left_staged_is_reported_after_a_restart(tmp_path: Path) -> None:
+    """A first snapshot whose upload a restart cut short is reported as "resumed" as it is uploaded."""
+    db = _large_database(tmp_path / "app.db", mib=6)
+    (tmp_path / "a-file").write_text("not a folder")
+    unreachable = file_url(tmp_path / "a-file" / "replica")  # (every upload there fails)
+    sqlrepl.connect(db, unreachable, options=fast_options()).close()
+
+    def staged() -> bool:
+        snap = sqlrepl.status(db).snapshot_progress
+        return snap is not None and snap.state == "uploading"
+
+    _wait_for(staged, "the first snapshot to be staged")
+    sqlrepl.stop_all(flush=False)
+
+    calls = Calls()
+    good = file_url(tmp_path / "replica")
+    sqlrepl.connect(db, good, options=fast_options(progress=calls)).close()
+    sqlrepl.sync(db, timeout=120)
+    _assert_forward_to_total(calls.calls)
+    snap = sqlrepl.status(db).snapshot_progress
+    assert snap is not None
+    assert (snap.reason, snap.state, snap.database_bytes) == ("resumed", "done", 0)
+    assert snap.snapshot_bytes is not None
+    assert snap.done == snap.total == snap.uploaded_bytes[good] == snap.snapshot_bytes
+    assert any(0 < d < snap.total for d, _ in calls.calls), calls.calls
