@@ -71,7 +71,7 @@ def _check_first_snapshot(db: str, url: str, tmp_path: Path) -> None:
 
     status = sqlrepl.status(db)
     snap = status.snapshot_progress
-    assert snap is not None
+    assert isinstance(snap, sqlrepl.SnapshotProgress)
     assert (snap.state, snap.reason, snap.generation) == ("done", "new generation", status.generation)
     size = os.path.getsize(db)
     assert snap.database_bytes == snap.read_bytes == size
