@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import _format
+from . import _format, _progress
 from ._errors import WalModeError
 from ._format import ObjectHeader, ObjectWriter, page_hash
 from ._staging import Staging
@@ -152,6 +152,8 @@ class Capture:
         self.db_size = 0
         self.checksum = 0
         self._hashes = array.array("Q")
+        # Progress hook: the replicator's snapshot tracker (sqlrepl._progress).
+        self.snapshot_progress: _progress.SnapshotTracker | None = None
 
     # -- connections and files ------------------------------------------------
 
@@ -460,6 +462,7 @@ class Capture:
         plan = _Plan({}, 0, 0, 0) if exact else self._plan(1, frame, 0, None)
         if not size:
             size = plan.size if plan.commits else os.fstat(self._db_fd).st_size // ps
+        sink = _progress.scan_sink(self.snapshot_progress, sink, size, ps)  # progress hook (snapshots only)
         overlay = {p: f for p, f in plan.latest.items() if p <= size}
         wal_fd = self._wal() if overlay else None
         hashes = array.array("Q", bytes(8 * size))

@@ -98,10 +98,15 @@ def timestamp_ms(value: object) -> int:
     return int(seconds * 1000)
 
 
+# How the callables among the options are called, for the messages.
+_CALLED_AS = {"progress": "progress(done_bytes, total_bytes)", "clock": "clock() -> Unix seconds"}
+
+
 def check_options(options: object) -> None:
     """Check every field of an :class:`sqlrepl.Options` against its declared
     type: numbers of seconds are finite and >= 0, sizes and frame counts are
-    whole numbers >= 0; ``None`` only where the field allows it."""
+    whole numbers >= 0, functions are callable; ``None`` only where the
+    field allows it."""
     from ._replicator import Options  # (here: _replicator imports this module's importers)
 
     if options is None:
@@ -124,6 +129,12 @@ def check_options(options: object) -> None:
                 raise ConfigError(
                     f"option {f.name} must be a finite number of seconds >= 0{also}, got {value!r}"
                 )
+        elif declared.startswith(("Callable", "ProgressCallback")) and not callable(value):
+            also = " (or None)" if "None" in declared else ""
+            raise ConfigError(
+                f"option {f.name} must be a function called as {_CALLED_AS.get(f.name, f.name + '()')}{also},"
+                f" got {value!r}"
+            )
 
 
 def check_database_path(path: str, *, role: str, folder_must_exist: bool) -> None:

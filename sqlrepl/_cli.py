@@ -107,9 +107,15 @@ def _missing_folder(url: str) -> str | None:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    options = Options(sync_interval=args.sync_interval)
     if not os.path.exists(args.database):
         raise SqlreplError(f"{args.database} does not exist; replicate watches an existing database")
+    # A bar on a terminal while a snapshot that the replicas lack (the first,
+    # of a large database, say) is written and uploaded.
+    with terminal_bar("snapshot") as progress:
+        return _replicate(args, Options(sync_interval=args.sync_interval, progress=progress))
+
+
+def _replicate(args: argparse.Namespace, options: Options) -> int:
     # Opening through connect() sets WAL mode once and checks the URLs.
     conn = connect(args.database, args.replica, options=options)
     conn.close()

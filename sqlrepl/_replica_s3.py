@@ -63,6 +63,7 @@ from ._errors import (
     ReplicaNotFoundError,
     ReplicaUnavailableError,
 )
+from ._progress import upload_sent
 from ._replica import ObjectInfo, RequestStats, request_kind
 
 log = logging.getLogger("sqlrepl")
@@ -749,6 +750,7 @@ class _MultipartUpload:
                     ContentMD5=md5,
                 )
                 etags[n] = response["ETag"]
+                upload_sent(length)  # progress hook: a part is stored
 
         await _run_all(worker, min(self._client.settings.upload_concurrency, count))
         return etags

@@ -59,6 +59,7 @@ from ._errors import (
     WalModeError,
 )
 from ._lifecycle import compaction_runs, group_generations, plan_retention, snapshot_due
+from ._progress import ProgressCallback, SnapshotProgress, SnapshotTracker
 from ._replica import ReplicaClient, open_replica, redact_url
 from ._staging import Staging
 from ._verify import Verification, verify_replica
@@ -154,6 +155,12 @@ class Options:
     - ``clock``: the wall clock, in seconds since the epoch (``time.time``):
       the timestamps in keys and the schedules of snapshots, compaction and
       retention read it. Tests give one they can move.
+    - ``progress``: called as ``progress(done_bytes, total_bytes)`` while a
+      snapshot that replicas must receive (the first of a generation, or
+      one a replica asked for) is written and uploaded; see
+      ``sqlrepl._progress.SnapshotTracker`` and docs/observability.md.
+      Called from the replicator's threads; must be quick; one that raises
+      is logged once and not called again. ``None`` (default): no calls.
     """
 
     sync_interval: float = 1.0
@@ -176,6 +183,7 @@ class Options:
     replica_check_interval: float = 60.0
     verify_interval: float | None = None
     clock: Callable[[], float] = time.time
+    progress: ProgressCallback | None = None
 
     def __post_init__(self) -> None:
         _check.check_options(self)  # types first: the checks below compare values
@@ -315,6 +323,9 @@ class Status:
     snapshots: int = 0
     compactions: int = 0
     generations: int = 0
+    # The newest snapshot that replicas must receive (a generation's first,
+    # or one a replica asked for): bytes read and uploaded of the total.
+    snapshot_progress: SnapshotProgress | None = None
 
 
 class Replicator:
@@ -380,6 +391,7 @@ class Replicator:
         # txid -> database checksum after it, for the captures of the current
         # generation (bounded): what verification compares a replica with.
         self._checksums: dict[int, int] = {}
+        self._snapshot_progress = SnapshotTracker(self.options.progress)  # progress hook
 
     # -- public, any thread ------------------------------------------------------
 
@@ -507,6 +519,7 @@ class Replicator:
                 self._snapshots,
                 self._compactions,
                 self._generations,
+                snapshot_progress=self._snapshot_progress.current,  # progress hook
             )
 
     def _replica_status(self, r: _Replica, staged: list[_Obj], now: float) -> ReplicaStatus:
@@ -701,6 +714,7 @@ class Replicator:
         self._staging.remove_temp_files()
         self._open_nudge_socket()
         capture = Capture(self.database, busy_timeout=self.options.busy_timeout, clock=self.options.clock)
+        capture.snapshot_progress = self._snapshot_progress  # progress hook
         try:
             await anyio.to_thread.run_sync(capture.open)
         except (WalModeError, FileNotFoundError) as exc:
@@ -715,6 +729,7 @@ class Replicator:
         self._load_replicas()
         await self._start_position()
         self._collect_staged()
+        self._track_leftover()  # progress hook
         with self._cond:
             self._role = "replicating"
             self._cond.notify_all()
@@ -929,6 +944,7 @@ class Replicator:
         capture = self._capture
         assert capture is not None
         generation = _format.new_generation_id()
+        self._snapshot_progress.begin(generation, "new generation", len(self._replicas))  # progress hook
         while True:
             try:
                 staged = await anyio.to_thread.run_sync(capture.new_generation, self._staging, generation)
@@ -946,6 +962,7 @@ class Replicator:
         self._mark_behind()
         self._drop_window()
         self._add_staged(staged)
+        self._track_staged(staged)  # progress hook
         self._snapshot_wanted = False  # (what a replica asked for meanwhile: this one serves)
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = self.options.clock()
@@ -1396,6 +1413,8 @@ class Replicator:
         assert capture is not None
         if await anyio.to_thread.run_sync(capture.changed):
             await self._capture_once()
+        if self._snapshot_wanted:  # progress hook: a replica waits for this one
+            self._snapshot_progress.begin(self._gen(), "replica needs one", len(self._replicas))
         try:
             staged = await anyio.to_thread.run_sync(capture.snapshot, self._staging, self._gen())
         except OSError as exc:
@@ -1414,6 +1433,7 @@ class Replicator:
         self._snapshot_wanted = False
         self._snapshots += 1
         self._add_staged(staged)
+        self._track_staged(staged)  # progress hook
         self._since_snapshot_bytes = self._since_snapshot_count = 0
         self._last_snapshot_time = self.options.clock()
         self._snapshot_after, self._snapshot_delay = 0.0, 10.0
@@ -1428,6 +1448,24 @@ class Replicator:
         self._kick_all()
 
     # -- upload ------------------------------------------------------------------
+
+    def _track_staged(self, staged: Staged) -> None:
+        """Progress hook: tell the snapshot tracker which replicas upload
+        ``staged`` (a no-op unless it is a tracked snapshot)."""
+        obj = next(o for o in self._staged if o.key == staged.key)
+        uploaders = [(id(r), r.url) for r in self._replicas if self._role_of(r, obj) == "upload"]
+        self._snapshot_progress.staged(obj.key, obj.size, uploaders)
+
+    def _track_leftover(self) -> None:
+        """Progress hook: a snapshot an earlier run staged and did not get
+        into every replica that lacks the generation (a restart cut the
+        upload of a first snapshot short) is tracked as it is uploaded."""
+        obj = self._newest_snapshot()
+        if obj is None or all(r.generation == obj.generation for r in self._replicas):
+            return
+        uploaders = [(id(r), r.url) for r in self._replicas if self._role_of(r, obj) == "upload"]
+        if uploaders:
+            self._snapshot_progress.resume(obj.generation, obj.key, obj.size, uploaders)
 
     def _kick(self, r: _Replica) -> None:
         if r.work is not None:
@@ -1499,7 +1537,8 @@ class Replicator:
                             self._wake()
                         break
                     assert isinstance(nxt, _Obj)
-                    await r.client.put_file(nxt.key, nxt.path)
+                    with self._snapshot_progress.uploading(id(r), nxt.key):  # progress hook
+                        await r.client.put_file(nxt.key, nxt.path)
                     r.uploads += 1
                     await self._uploaded(r, nxt)
                 if r.last_error is not None:
@@ -1585,6 +1624,7 @@ class Replicator:
         r.checked = True
 
     async def _uploaded(self, r: _Replica, obj: _Obj) -> None:
+        self._snapshot_progress.uploaded(id(r), obj.key)  # progress hook (before sync() can see it)
         with self._cond:
             r.uploaded.add(obj.key)
             if obj.kind == _SNAPSHOT:
@@ -1618,6 +1658,7 @@ class Replicator:
         keep = []
         for obj in self._staged:
             if all(self._role_of(r, obj) in ("done", "useless") for r in self._replicas):
+                self._snapshot_progress.dropped(obj.key)  # progress hook
                 if not self._to_window(obj):
                     self._staging.remove_object(obj.key, self._staging.compacted if obj.compacted else None)
                 for r in self._replicas:
