@@ -22,7 +22,7 @@ from ._errors import SqlreplError
 from ._follow import FollowStatus, follow
 from ._integration import verify
 from ._progress import terminal_bar
-from ._replica import open_replica
+from ._replica import open_replica, redact_url
 from ._replicator import Options, get_replicator, stop_all
 from ._report import format_report, read_status
 from ._restore import Generation, list_generations, restore
@@ -124,7 +124,8 @@ def _replicate(args: argparse.Namespace, options: Options) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"replicating {os.path.abspath(args.database)} to {', '.join(c for c in rep.urls)}; Ctrl-C to stop")
+    shown = ", ".join(redact_url(u) for u in rep.urls)
+    print(f"replicating {os.path.abspath(args.database)} to {shown}; Ctrl-C to stop")
     while not stop.wait(1.0):
         status = rep.status
         if status.role == "failed":
