@@ -587,6 +587,25 @@ class Capture:
         there. The pin moves only once everything is copied, so it stays at
         or before the position throughout.
         """
+        got = self._copy(staging, generation, sync=sync, max_bytes=max_bytes, on_piece=on_piece)
+        if got is None:
+            return None
+        staged, new = got
+        self._advance_pin(new)
+        return staged
+
+    def _copy(
+        self,
+        staging: Staging,
+        generation: str,
+        *,
+        sync: bool,
+        max_bytes: int,
+        on_piece: Callable[[Staged], None] | None,
+    ) -> tuple[Staged, sqlite3.Connection] | None:
+        """:meth:`capture` up to moving the pin: the last segment and the
+        new pin, which the caller makes the only one (:meth:`_advance_pin`)
+        once it may, or releases."""
         pos = self.position
         assert pos is not None
         hdr = self.index()
@@ -605,6 +624,37 @@ class Capture:
                 on_piece(staged)
         except BaseException:
             self._release(new)
+            raise
+        return staged, new
+
+    def _copy_and_record(
+        self,
+        staging: Staging,
+        generation: str,
+        on_staged: Callable[[Staged], None],
+        max_bytes: int = 0,
+    ) -> Staged | None:
+        """:meth:`capture`, with the last segment made durable and recorded
+        (``on_staged``) *before* the pin moves past it: a process killed at
+        any point leaves a recorded position the pin protected, so a later
+        start continues the generation (with the pin moved first, a
+        checkpoint could copy the frames past the recorded position into the
+        database file meanwhile, and the next start had to begin a new
+        generation). Raises :class:`ContinuityLost` if the copy cannot be
+        made durable."""
+        on_piece = on_staged if max_bytes else None
+        got = self._copy(staging, generation, sync=False, max_bytes=max_bytes, on_piece=on_piece)
+        if got is None:
+            return None
+        staged, new = got
+        try:
+            try:
+                staging.make_durable(staged.path)
+            except OSError as exc:
+                raise ContinuityLost(f"a copied segment could not be made durable: {exc}") from exc
+            on_staged(staged)
+        except BaseException:
+            self._release(new)  # the old pin stays: at or before the recorded position
             raise
         self._advance_pin(new)
         return staged
@@ -790,7 +840,7 @@ class Capture:
         writer holds the lock for long, we try again next time.
 
         Under the lock, in this order: copy, make the copy durable, record
-        the position (``on_staged``), checkpoint. A process killed at any
+        the position (``on_staged``), move the pin, checkpoint. A process killed at any
         point of it leaves a recorded position that covers every frame a
         later writer could drop from the WAL, so the next start continues
         the generation. (Recording after the lock was released saved a few
@@ -803,18 +853,11 @@ class Capture:
         barrier = self._barrier()
         if not self._take_write_lock(barrier, timeout=0.5):
             return None  # a long write transaction: try again next time
-        staged = None
         try:
-            staged = self.capture(staging, generation, sync=False)
-            if staged is not None:
-                # Durable and recorded before the checkpoint: once the lock
-                # is released (or this process dies) a writer may restart the
-                # WAL, and the position must already cover these frames.
-                try:
-                    staging.make_durable(staged.path)
-                except OSError as exc:
-                    raise ContinuityLost(f"a copied segment could not be made durable: {exc}") from exc
-                on_staged(staged)
+            # Durable and recorded before the checkpoint: once the lock is
+            # released (or this process dies) a writer may restart the WAL,
+            # and the position must already cover these frames.
+            staged = self._copy_and_record(staging, generation, on_staged)
             self._checkpoint_and_repin(None)
         finally:
             barrier.execute("ROLLBACK")
@@ -924,57 +967,67 @@ class Capture:
         leaves, and the restart is then the one :meth:`capture` proves (the
         file cut to the replicated size): the generation goes on.
 
-        Returns within about ``timeout`` seconds, also when the checkpoint
-        waits for someone else (another reader); the captured segment, if
-        any, is returned (already recorded). With ``max_bytes`` the copy is
-        made in pieces as :meth:`capture` makes them, each recorded
-        (``on_staged``) as it is written, so that a full staging disk that
-        has room for a piece still lets the checkpoint through.
+        Returns the captured segment, if any (already recorded). Returns
+        once the checkpointer is gone, once our pin sits on read-mark zero
+        (nothing of ours is then in its way: :meth:`checkpointer_waiting`
+        says False until the WAL moves), or after about ``timeout`` seconds
+        of waiting, so that the caller can do its other work: it calls
+        again while :meth:`checkpointer_waiting`. So we give way for as long
+        as the checkpointer waits, which its own busy timeout bounds, however
+        long the copy and its recording took (a fixed half second in all,
+        once, let a checkpoint that finished copying after it wait out its
+        busy timeout behind our pin). With ``max_bytes`` the copy is made in
+        pieces as :meth:`capture` makes them, each recorded (``on_staged``)
+        as it is written, so that a full staging disk that has room for a
+        piece still lets the checkpoint through.
         """
-        deadline = time.monotonic() + timeout
         staged = None
-        while time.monotonic() < deadline:
+        assert self._shm_fd is not None
+        while True:
             # In pieces: a backlog larger than the staging disk's free room
             # would otherwise fail whole on every pass while the checkpoint
             # (and every writer behind it) waits.
-            on_piece = on_staged if max_bytes else None
-            piece = self.capture(staging, generation, sync=False, max_bytes=max_bytes, on_piece=on_piece)
+            piece = self._copy_and_record(staging, generation, on_staged, max_bytes)
             if piece is None:
                 break
-            try:
-                staging.make_durable(piece.path)
-            except OSError as exc:
-                raise ContinuityLost(f"a copied segment could not be made durable: {exc}") from exc
-            on_staged(piece)
             staged = piece
-            if self._shm_fd is None or not checkpointer_waiting(self._shm_fd):
-                break  # gone already, or it was a writer beside a PASSIVE checkpoint
+            if not checkpointer_waiting(self._shm_fd):
+                return staged  # gone already, or it was a writer beside a PASSIVE checkpoint
         pos = self.position
         assert pos is not None
-        assert self._shm_fd is not None
-        repinned = 0.0
-        hdr = self.index()
-        while checkpointer_waiting(self._shm_fd) and time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout
+        repinned = -1.0
+        while checkpointer_waiting(self._shm_fd):
             hdr = self.index()
             if hdr.salt != pos.salt or hdr.max_frame != pos.frame:
                 return staged  # reset by it, or written to: it is no longer waiting for us
             # Its busy handler retries every few to 100 ms; a fresh pin each
-            # 20 ms finds the WAL wholly copied soon after it is (read-mark
-            # zero), or at least takes the newest read-mark.
+            # 20 ms takes the newest read-mark, and read-mark zero once the
+            # whole WAL is copied.
             if time.monotonic() - repinned >= 0.02:
                 repinned = time.monotonic()
-                new = self._begin_pin()
-                now = self.index()
-                if now.salt == pos.salt and now.max_frame == pos.frame:
-                    self._advance_pin(new)
-                else:
-                    self._release(new)
+                if self._repin_at(pos):
+                    # Still waiting, with nothing of ours in its way (another
+                    # reader, say): do not do all this again until the WAL moves.
+                    self._gave_way_at = self.index()
+                    return staged
+            if time.monotonic() >= deadline:
+                return staged
             time.sleep(0.001)
-        if checkpointer_waiting(self._shm_fd):
-            # Still waiting, with nothing of ours in its way (another reader,
-            # say): do not do all this again until the WAL moves.
-            self._gave_way_at = hdr
         return staged
+
+    def _repin_at(self, pos: Position) -> bool:
+        """Take a fresh pin if the WAL still ends at ``pos``; True if it sits
+        on read-mark zero (the WAL wholly checkpointed before and after it
+        was taken: SQLite's readers take read-mark zero exactly then)."""
+        before = self.index()
+        new = self._begin_pin()
+        now = self.index()
+        if now.salt != pos.salt or now.max_frame != pos.frame:
+            self._release(new)
+            return False
+        self._advance_pin(new)
+        return before.salt == pos.salt and before.backfilled == before.max_frame == pos.frame
 
 
 _abandoned: list[Any] = []
