@@ -48,7 +48,7 @@ def test_restart_after_a_checkpoint_that_skipped_pages(app: sqlite3.Connection, 
     _writes(app, 30, "b")  # the same pages again, past the position
     # PASSIVE, held back at our position by our pin: pages rewritten since
     # are skipped, though nBackfill reaches the position.
-    first._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
+    first.wal.ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # type: ignore[union-attr]
     assert first.index().backfilled == first.position.frame  # type: ignore[union-attr]
     first.abandon()  # as if the process died: nothing closed
     second = Capture(db)
