@@ -321,13 +321,13 @@ class Capture:
         max_bytes: int = 0,
     ) -> Staged | None:
         """:meth:`capture`, with the last segment made durable and recorded
-        (``on_staged``) *before* the pin moves past it: a process killed at
-        any point leaves a recorded position the pin protected, so a later
-        start continues the generation (with the pin moved first, a
-        checkpoint could copy the frames past the recorded position into the
-        database file meanwhile, and the next start had to begin a new
-        generation). Raises :class:`ContinuityLost` if the copy cannot be
-        made durable."""
+        (``on_staged``) *before* the pin moves past it, so that while this
+        process lives no checkpoint copies a frame past the recorded position
+        into the database file; if recording fails, the old pin stays. (A
+        process killed before the record loses its pin all the same: a
+        checkpoint run after that makes the next start begin a new
+        generation, which loses nothing.) Raises :class:`ContinuityLost` if
+        the copy cannot be made durable."""
         on_piece = on_staged if max_bytes else None
         got = self._copy(staging, generation, sync=False, max_bytes=max_bytes, on_piece=on_piece)
         if got is None:

@@ -63,13 +63,15 @@ class Checkpoints:
 
         Under the lock, in this order: copy, make the copy durable, record
         the position (``on_staged``), move the pin, checkpoint. A process
-        killed at any point of it leaves a recorded position that covers
-        every frame a later writer could drop from the WAL, so the next
-        start continues the generation. (Recording after the lock was
-        released saved a few milliseconds of lock hold, but a kill in that
-        gap cost a new generation: a full snapshot, found by the
-        multi-process kill test.) Returns the segment captured under the
-        lock, if any.
+        killed after the record leaves a recorded position that covers every
+        frame our checkpoint lets a later writer drop from the WAL, so the
+        next start continues the generation; one killed before it has
+        checkpointed nothing past the recorded position (if someone else
+        does later, the next start begins a new generation: no commit is
+        lost). Recording after the lock was released saved a few
+        milliseconds of lock hold, but a kill in that gap cost a new
+        generation: a full snapshot, found by the multi-process kill test.
+        Returns the segment captured under the lock, if any.
         """
         if self._checkpoint_and_repin(truncate_over) or not restart:
             return None

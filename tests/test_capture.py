@@ -161,3 +161,32 @@ def test_give_way_lasts_as_long_as_the_checkpointer_waits(
     _writes(app, 5, "b")  # the WAL restarts from the top
     assert cap.capture(staging, gen) is not None  # continuity proven: no ContinuityLost
     cap.close()
+
+
+def test_a_failed_record_keeps_the_pin_at_the_recorded_position(
+    app: sqlite3.Connection, tmp_path: Path
+) -> None:
+    """When recording the segment copied under the write barrier fails (the
+    state file cannot be written), the pin stays at the recorded position, so
+    no checkpoint copies the unrecorded frames into the database file."""
+    db = str(tmp_path / "app.db")
+    staging = Staging(db)
+    staging.ensure()
+    cap = Capture(db)
+    cap.open()
+    assert cap.start(None) is not None
+    gen = _format.new_generation_id()
+    cap.new_generation(staging, gen)
+    assert cap.position is not None
+    recorded = cap.position.frame
+    _writes(app, 20, "a")
+
+    def fail(staged: Staged) -> None:
+        raise OSError(28, "injected: no room for the state file")
+
+    with pytest.raises(OSError, match="injected"):
+        cap.checkpoint(staging, gen, truncate_over=1 << 40, on_staged=fail)
+    app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert cap.index().max_frame > recorded
+    assert cap.index().backfilled <= recorded
+    cap.close()
