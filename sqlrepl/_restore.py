@@ -369,11 +369,24 @@ class _PageWriter:
                     run.append(page)
                     continue
                 if run:
-                    os.pwrite(fd, b"".join(run), (run_start - 1) * ps)
+                    _pwritev(fd, run, (run_start - 1) * ps)
                 run, run_start = [page], pgno
         if run:
-            os.pwrite(fd, b"".join(run), (run_start - 1) * ps)
+            _pwritev(fd, run, (run_start - 1) * ps)
         a.checksum = checksum
+
+
+def _pwritev(fd: int, pages: list[memoryview], offset: int) -> None:
+    """Write ``pages`` at ``offset`` in one call, straight from the
+    decompressed chunks (no copy into one buffer first)."""
+    done = os.pwritev(fd, pages, offset)
+    want = sum(len(p) for p in pages)
+    if done < want:  # short writes are legal; finish with plain writes
+        rest = b"".join(pages)[done:]
+        offset += done
+        while rest:
+            n = os.pwrite(fd, rest, offset)
+            rest, offset = rest[n:], offset + n
 
 
 class _PartReader:

@@ -128,7 +128,7 @@ def test_each_page_is_hashed_and_written_once(tmp_path: Path, monkeypatch: pytes
     """A page present in several objects is hashed and written once, from its newest copy."""
     _model, objects = _history()
     hashed: collections.Counter[int] = collections.Counter()
-    real_hash, real_pwrite = _restore.page_hash, os.pwrite
+    real_hash, real_pwrite, real_pwritev = _restore.page_hash, os.pwrite, os.pwritev
     written = [0]
 
     def counting_hash(pgno: int, page: bytes | memoryview) -> int:
@@ -136,11 +136,18 @@ def test_each_page_is_hashed_and_written_once(tmp_path: Path, monkeypatch: pytes
         return real_hash(pgno, page)
 
     def counting_pwrite(fd: int, data: bytes, offset: int) -> int:
-        written[0] += len(data)
-        return real_pwrite(fd, data, offset)
+        n = real_pwrite(fd, data, offset)
+        written[0] += n
+        return n
+
+    def counting_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        n = real_pwritev(fd, buffers, offset)
+        written[0] += n
+        return n
 
     monkeypatch.setattr(_restore, "page_hash", counting_hash)
     monkeypatch.setattr(_restore.os, "pwrite", counting_pwrite)
+    monkeypatch.setattr(_restore.os, "pwritev", counting_pwritev)
     _apply_newest_first(tmp_path, objects)
     # Pages 6, 7 and 9 of the final database are holes.
     assert hashed == {p: 1 for p in (1, 2, 3, 4, 5, 8)}
@@ -283,3 +290,19 @@ def test_quick_check_is_off_by_default_and_catches_a_damaged_source(tmp_path: Pa
     assert not (tmp_path / "checked.db").exists()
     restore_fresh(url, tmp_path / "copied.db")
     assert (tmp_path / "copied.db").stat().st_size > 0
+
+
+def test_short_writes_are_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``pwritev`` that writes only part of a run (legal) is completed, not ignored."""
+    m = _Model()
+    objects = [m.add({p: _page(p) for p in range(1, 51)}, db_size=50)]
+    real_pwritev = os.pwritev
+    calls = [0]
+
+    def short_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls[0] += 1
+        return real_pwritev(fd, buffers[:1], offset) - 100
+
+    monkeypatch.setattr(_restore.os, "pwritev", short_pwritev)
+    assert _apply_newest_first(tmp_path, objects) == m.image()
+    assert calls[0] >= 1
