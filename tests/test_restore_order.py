@@ -306,3 +306,53 @@ def test_short_writes_are_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(_restore.os, "pwritev", short_pwritev)
     assert _apply_newest_first(tmp_path, objects) == m.image()
     assert calls[0] >= 1
+
+
+def _small_replica(db_path: str, tmp_path: Path) -> str:
+    url = file_url(tmp_path / "replica")
+    conn = sqlrepl.connect(db_path, url, options=fast_options())
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    conn.executemany("INSERT INTO t (v) VALUES (?)", [("z" * 500,) for _ in range(400)])
+    conn.commit()
+    sqlrepl.sync(db_path)
+    conn.close()
+    sqlrepl.stop_all()
+    return url
+
+
+def test_written_pages_go_to_disk_during_the_restore(
+    db_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a small flush threshold the file is fdatasynced while pages are
+    written, and the result is still the database byte for byte."""
+    url = _small_replica(db_path, tmp_path)
+    monkeypatch.setattr(_restore, "FLUSH_BYTES", 8 * 4096)
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(_restore.os, "fdatasync", counting)
+    restore_fresh(url, tmp_path / "restored.db")
+    assert calls
+    with open(db_path, "rb") as a, open(tmp_path / "restored.db", "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_a_failing_background_flush_fails_the_restore(
+    db_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error while sending pages to disk fails the restore with a RestoreError, no database."""
+    url = _small_replica(db_path, tmp_path)
+    monkeypatch.setattr(_restore, "FLUSH_BYTES", 8 * 4096)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_restore.os, "fdatasync", failing)
+    target = tmp_path / "out" / "restored.db"
+    with pytest.raises(sqlrepl.RestoreError, match=r"to disk failed.*Input/output error"):
+        sqlrepl.restore(str(target), url)
+    assert not target.exists()
