@@ -1,6 +1,6 @@
 """A/B restore timing: two revisions of sqlrepl against a raw GET of the same bytes.
 
-``python -m bench.restore_ab [--mb 128] [--rounds 5] [--old main]`` starts a
+``python -m bench.restore_ab [--mb 128] [--rounds 5] [--old REV]`` starts a
 SeaweedFS, bulk-loads a database of ``--mb`` MB from nothing (1 KiB rows in
 10,000-row transactions, as the ``bulk`` workload) replicating to S3 and to a
 ``file://`` folder, then runs ``--rounds`` rounds. Each round times, in a
@@ -11,8 +11,9 @@ fresh process and in an order rotated from round to round:
   dropped: no decompression, no checksums, no disk writes. Timed from the
   first GET (the client's creation and the LIST, which the restore also
   pays, are reported apart as ``setup``);
-- ``old``: ``sqlrepl.restore`` from the ``--old`` git revision (extracted
-  to a temporary folder);
+- ``old``: ``sqlrepl.restore`` from the ``--old`` git revision (by
+  default the commit this branch started from on ``main``), extracted to a
+  temporary folder;
 - ``new``: ``sqlrepl.restore`` from this checkout.
 
 Only the call is timed (not interpreter start-up; the S3 client's module
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.restore_ab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--old", default="main", help="git revision for the A side")
+    ap.add_argument("--old", help="git revision for the A side (default: where this branch left main)")
     ap.add_argument("--stores", default="s3,file")
     ap.add_argument("--json")
     ap.add_argument("--trial", help=argparse.SUPPRESS)
@@ -167,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sqlrepl-restore-ab-"))
     old = work / "old"
     old.mkdir()
+    if args.old is None:
+        base = subprocess.run(
+            ["git", "merge-base", "main", "HEAD"], cwd=ROOT, check=True, capture_output=True
+        )
+        args.old = base.stdout.decode().strip()
+    print(f"old: {args.old}")
     archive = subprocess.run(
         ["git", "archive", args.old, "sqlrepl"], cwd=ROOT, check=True, capture_output=True
     )
