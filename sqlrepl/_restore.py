@@ -2,11 +2,13 @@
 
 :func:`restore` picks a generation, the newest snapshot at or before the
 target, and the chain of segments after it; downloads them in parallel
-(large objects in ranged parts, so memory stays bounded); applies them in
-order to a temporary file beside the database while checking every object's
-checksums and that each segment continues exactly from the state before it
-(its pre-apply database checksum); checks the final database checksum and
-``PRAGMA quick_check``; and only then renames the file into place.
+(large objects in ranged parts, so memory stays bounded); applies them
+newest first to a temporary file beside the database, writing each page
+once (its newest copy), while checking every object's checksums, every page
+number and that each segment continues the object under it (its "before"
+checksum); checks the whole database's checksum against the newest
+object's (and ``PRAGMA quick_check`` if asked); and only then renames the
+file into place.
 
 Nothing is overwritten unless asked, and a failed restore leaves no partial
 database behind.
@@ -14,7 +16,6 @@ database behind.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import datetime as dt
 import fcntl
@@ -71,6 +72,7 @@ log = logging.getLogger("sqlrepl")
 
 PART_SIZE = 8 << 20
 _RUN_PAGES = 256  # consecutive pages written at once
+FLUSH_BYTES = 64 << 20  # written between two background fdatasyncs
 DEFAULT_PARALLELISM = 8
 
 
@@ -209,76 +211,107 @@ class RestoreResult:
 
 
 class _Applier:
-    """Applies snapshot and segments to a file, tracking the database checksum.
+    """Applies a plan's objects to a file, newest first, writing each page once.
+
+    A page's final content is its copy in the newest object that holds it,
+    unless a newer object dropped it (its truncate size, or a database size
+    below it): so objects are fed newest first, and a page already written,
+    or above what the newer objects let survive, is checked but not hashed
+    or written again. What proves the result: each object's own checksums
+    (header, length, body XXH3), each page number, each segment's "before"
+    checksum equal to the "after" checksum of the object under it (a chain
+    of headers), and at :meth:`finish` the checksum of the whole database,
+    computed from the pages written, equal to the newest object's "after"
+    checksum. The intermediate states are not rebuilt, so they are not
+    checked one by one: a wrong page that a newer object overwrote cannot
+    reach the restored file.
 
     Two threads share the work of one object: the caller's reads and
     decompresses (zstd lets go of the GIL), a :class:`_PageWriter` checks,
     hashes and writes the pages.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, flusher: _Flusher | None = None) -> None:
         self.fd = fd
+        self.flusher = flusher
         self.page_size = 0
-        self.size = 0
-        self.checksum = 0
-        self.hashes = array.array("Q")
+        self.size = 0  # the restored database's size in pages (the newest object's)
+        self.limit = 0  # pages above it, in the object being applied, do not survive
+        self.checksum = 0  # over the pages written so far
+        self.written = bytearray()  # 1 at [p] once page p is written
+        self._newest: tuple[_format.ObjectHeader, str] | None = None
+        self._newer: tuple[_format.ObjectHeader, str] | None = None
 
     def apply(self, f: _format.Readable, key: str, size: int) -> _format.ObjectHeader:
-        """Apply the object read from ``f`` (``size`` bytes long)."""
+        """Apply the object read from ``f`` (``size`` bytes long), the next
+        older one after those already applied."""
         header = read_header(f.read(HEADER_SIZE), key=key)
         if size != HEADER_SIZE + header.body_length:
             expected = HEADER_SIZE + header.body_length
             raise CorruptObjectError(
                 f"object truncated or padded: {size} bytes, expected {expected} ({key})", key=key
             )
-        if header.kind == _format.KIND_SNAPSHOT:
-            self.page_size = header.page_size
-            self.hashes = array.array("Q", bytes(8 * header.db_size))
-            self.checksum = 0
-            os.ftruncate(self.fd, 0)
-        else:
-            if header.page_size != self.page_size:
-                raise CorruptObjectError(
-                    f"segment page size {header.page_size} != {self.page_size} ({key})", key=key
-                )
-            if header.pre_checksum != self.checksum:
-                raise CorruptObjectError(
-                    f"segment does not continue the restored state (pre-checksum mismatch) ({key})", key=key
-                )
-            if header.truncate_size < len(self.hashes):
-                for h in self.hashes[header.truncate_size :]:
-                    self.checksum ^= h
-                del self.hashes[header.truncate_size :]
-                os.ftruncate(self.fd, header.truncate_size * header.page_size)
-        if header.db_size > len(self.hashes):
-            self.hashes.extend(array.array("Q", bytes(8 * (header.db_size - len(self.hashes)))))
+        self._link(header, key)
         writer = _PageWriter(self, header, key)
         try:
             for chunk in _format.iter_records(header, f, key=key):
                 writer.put(chunk)
         finally:
             writer.close()
-        ps = header.page_size
-        if header.db_size < len(self.hashes):
-            for h in self.hashes[header.db_size :]:
-                self.checksum ^= h
-            del self.hashes[header.db_size :]
-        os.ftruncate(self.fd, header.db_size * ps)
-        self.size = header.db_size
-        if self.checksum != header.post_checksum:
-            raise CorruptObjectError(
-                f"restored state does not match the object's database checksum ({key})", key=key
-            )
+        self._newer = (header, key)
         return header
+
+    def _link(self, header: _format.ObjectHeader, key: str) -> None:
+        """Check that ``header`` is the state under the newer object, and set
+        the pages of it that can survive."""
+        if self._newer is None:
+            self._newest = (header, key)
+            self.page_size, self.size, self.limit = header.page_size, header.db_size, header.db_size
+            self.written = bytearray(header.db_size + 1)
+            os.ftruncate(self.fd, header.db_size * header.page_size)
+            return
+        newer, newer_key = self._newer
+        if header.page_size != self.page_size:
+            raise CorruptObjectError(
+                f"segment page size {self.page_size} != {header.page_size} ({newer_key})", key=newer_key
+            )
+        if newer.kind == _format.KIND_SNAPSHOT:
+            self.limit = 0  # a snapshot is the whole database: nothing under it shows
+        else:
+            if newer.pre_checksum != header.post_checksum:
+                raise CorruptObjectError(
+                    f"segment does not continue the state before it (pre-checksum mismatch) ({newer_key})",
+                    key=newer_key,
+                )
+            self.limit = min(self.limit, newer.truncate_size)
+        self.limit = min(self.limit, header.db_size)
+
+    def finish(self) -> None:
+        """Check the whole: the oldest object applied is a snapshot, and the
+        database checksum is the newest object's."""
+        if self._newer is None or self._newest is None:
+            raise RestoreError("nothing was applied")
+        oldest, oldest_key = self._newer
+        if oldest.kind != _format.KIND_SNAPSHOT:
+            raise CorruptObjectError(
+                f"the restore does not start from a snapshot ({oldest_key})", key=oldest_key
+            )
+        newest, newest_key = self._newest
+        if self.checksum != newest.post_checksum:
+            raise CorruptObjectError(
+                f"restored state does not match the object's database checksum ({newest_key})", key=newest_key
+            )
 
 
 class _PageWriter:
     """A thread that writes one object's page records into the database file.
 
     Fed chunks of records (:func:`_format.iter_records`) through a short
-    queue; checks each page number, updates the applier's checksum and
-    writes runs of consecutive pages with one ``pwrite``. The first error
-    it meets is raised by the next :meth:`put` or by :meth:`close`.
+    queue; checks each page number, and writes the pages that are new to the
+    file and survive (see :class:`_Applier`), adding their hashes to the
+    applier's checksum, in runs of consecutive pages with one ``pwrite``.
+    The first error it meets is raised by the next :meth:`put` or by
+    :meth:`close`.
     """
 
     _DEPTH = 4  # chunks (~1 MiB each) waiting
@@ -315,7 +348,7 @@ class _PageWriter:
 
     def _write_all(self) -> None:
         a, header, key = self._applier, self._header, self._key
-        fd, ps, hashes = a.fd, header.page_size, a.hashes
+        fd, ps, written, keep, flusher = a.fd, header.page_size, a.written, a.limit, a.flusher
         rec = 4 + ps
         limit, skip = header.db_size, lock_page(ps)
         numbers = struct.Struct(f">I{ps}x")  # a record's page number, its page skipped
@@ -324,24 +357,99 @@ class _PageWriter:
         run_start = 0
         while (chunk := self._q.get()) is not self._END:
             view = memoryview(chunk)
-            off = 4
+            off = 4 - rec
             for (pgno,) in numbers.iter_unpack(chunk):
+                off += rec
                 if pgno < 1 or pgno > limit or pgno == skip:
                     raise CorruptObjectError(f"page {pgno} outside the database ({key})", key=key)
+                if pgno > keep or written[pgno]:
+                    continue  # dropped or overwritten by a newer object
+                written[pgno] = 1
                 page = view[off : off + ps]
-                off += rec
-                h = page_hash(pgno, page)
-                checksum ^= hashes[pgno - 1] ^ h
-                hashes[pgno - 1] = h
+                checksum ^= page_hash(pgno, page)
                 if run and pgno == run_start + len(run) and len(run) < _RUN_PAGES:
                     run.append(page)
                     continue
                 if run:
-                    os.pwrite(fd, b"".join(run), (run_start - 1) * ps)
+                    _pwritev(fd, run, (run_start - 1) * ps)
+                    if flusher is not None:
+                        flusher.wrote(len(run) * ps)
                 run, run_start = [page], pgno
         if run:
-            os.pwrite(fd, b"".join(run), (run_start - 1) * ps)
+            _pwritev(fd, run, (run_start - 1) * ps)
+            if flusher is not None:
+                flusher.wrote(len(run) * ps)
         a.checksum = checksum
+
+
+class _Flusher:
+    """A thread that sends the restored file's written pages to disk while
+    the restore goes on (an ``fdatasync`` after every :data:`FLUSH_BYTES`
+    written), so that the final ``fsync`` has little left to wait for.
+    Each page is written once (:class:`_Applier`), so no write has to wait
+    for an earlier copy of its page to reach the disk (the reason this lost
+    when restores wrote every version of a page). The final ``fsync`` is
+    still what makes the file durable; an error here is raised by
+    :meth:`close`."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._every = FLUSH_BYTES
+        self._pending = 0
+        self._asked = 0  # flushes asked for; each is done before close() returns
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="sqlrepl-restore-flush", daemon=True)
+        self._thread.start()
+
+    def wrote(self, nbytes: int) -> None:
+        """(From the writer thread.) ``nbytes`` more were written."""
+        self._pending += nbytes
+        if self._pending >= self._every:
+            self._pending = 0
+            with self._cond:
+                self._asked += 1
+                self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the thread once the flush asked for last is done; raise its error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise RestoreError(
+                f"sending the restored database to disk failed: {self._error}"
+            ) from self._error
+
+    def _run(self) -> None:
+        done = 0
+        while True:
+            with self._cond:
+                while self._asked == done and not self._stopping:
+                    self._cond.wait()
+                if self._asked == done:
+                    return
+                done = self._asked
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._error = exc
+                return
+
+
+def _pwritev(fd: int, pages: list[memoryview], offset: int) -> None:
+    """Write ``pages`` at ``offset`` in one call, straight from the
+    decompressed chunks (no copy into one buffer first)."""
+    done = os.pwritev(fd, pages, offset)
+    want = sum(len(p) for p in pages)
+    if done < want:  # short writes are legal; finish with plain writes
+        rest = b"".join(pages)[done:]
+        offset += done
+        while rest:
+            n = os.pwrite(fd, rest, offset)
+            rest, offset = rest[n:], offset + n
 
 
 class _PartReader:
@@ -442,6 +550,7 @@ async def restore_async(
     parallelism: int = DEFAULT_PARALLELISM,
     progress: ProgressCallback | None = None,
     fallback: bool = False,
+    quick_check: bool = False,
 ) -> RestoreResult | None:
     """The async form of :func:`restore` (same arguments and result;
     ``progress`` is called in the event loop's thread)."""
@@ -485,6 +594,7 @@ async def restore_async(
                     parallelism=parallelism,
                     progress=tracker,
                     fallback=fallback,
+                    quick_check=quick_check,
                 )
             except (ReplicaError, CorruptObjectError, NoBackupError) as exc:
                 if len(replicas) == 1:
@@ -524,6 +634,7 @@ async def _restore_from(
     parallelism: int,
     progress: Progress | None = None,
     fallback: bool,
+    quick_check: bool = False,
 ) -> RestoreResult | None:
     client = open_replica(replica) if isinstance(replica, str) else replica
     started = time.monotonic()
@@ -546,7 +657,7 @@ async def _restore_from(
             work = tempfile.mkdtemp(prefix=".sqlrepl-restore-", dir=folder)
             try:
                 try:
-                    result = await _restore_plan(client, plan, path, work, parallelism, progress)
+                    result = await _restore_plan(client, plan, path, work, parallelism, progress, quick_check)
                 except BaseExceptionGroup as group:
                     raise _first_error(group) from group
             except ObjectNotFoundError as exc:
@@ -602,96 +713,51 @@ async def _restore_plan(
     work: str,
     parallelism: int,
     progress: Progress | None = None,
+    quick_check: bool = False,
 ) -> RestoreResult:
     """Download and apply ``plan`` into a file in ``work``, then put it at
-    ``path``. Objects are applied in order while the ones after them download:
-    small ones whole, large ones in ranged parts streamed into the applier.
-    Nothing is written to disk but the database, and the downloaded data
-    held at once (in flight or waiting) is bounded by :class:`_Window`."""
+    ``path``. Objects are applied newest first (see :class:`_Applier`)
+    while the ones after them download: small ones whole, large ones in
+    ranged parts streamed into the applier. Nothing is written to disk but
+    the database, and the downloaded data held at once (in flight or
+    waiting) is bounded by :class:`_Window`."""
     keys = plan.keys
-    parallelism = max(1, parallelism)
     progress = progress or Progress(None)
     progress.phase(sum(size for _key, size in keys))
-    # One download queue over every object, so the next objects arrive while
-    # this one is applied: (object, start, length), length -1 for a whole GET.
-    pieces: list[tuple[int, int, int]] = []
-    for i, (_key, size) in enumerate(keys):
-        if size <= PART_SIZE:
-            pieces.append((i, 0, -1))
-        else:
-            pieces.extend((i, start, min(PART_SIZE, size - start)) for start in range(0, size, PART_SIZE))
-    limiter = anyio.CapacityLimiter(parallelism)
-    window = _Window((parallelism + 2) * PART_SIZE)
-    got: dict[int, bytes | BaseException] = {}
-    arrived = [anyio.Event() for _ in pieces]
-    readers = {i: _PartReader(window, progress) for i, (_key, size) in enumerate(keys) if size > PART_SIZE}
-    whole = {i: n for n, (i, _start, length) in enumerate(pieces) if length < 0}
-    total = 0
+    download = _Download(client, keys, list(reversed(range(len(keys)))), max(1, parallelism), progress)
     tmp_db = os.path.join(work, "restored.db")
     fd = os.open(tmp_db, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    applier = _Applier(fd)
-
-    def weight(n: int) -> int:
-        i, _start, length = pieces[n]
-        return max(_Window.MIN_PIECE, keys[i][1] if length < 0 else length)
-
-    async def fetch(n: int) -> None:
-        i, start, length = pieces[n]
-        key = keys[i][0]
-        try:
-            async with limiter:
-                got[n] = await (client.get(key) if length < 0 else client.get_range(key, start, length))
-        except Exception as exc:  # handed to the applier, which raises it in order
-            got[n] = exc
-        arrived[n].set()
-
-    async def feed(tg: anyio.abc.TaskGroup) -> None:
-        for n in range(len(pieces)):
-            await window.take(weight(n))
-            tg.start_soon(fetch, n)
-
-    async def deliver() -> None:
-        """Parts of large objects, in order, to their readers."""
-        try:
-            for n, (i, start, length) in enumerate(pieces):
-                if length < 0:
-                    continue
-                await arrived[n].wait()
-                readers[i].put(got.pop(n), weight(n))
-                if start + length == keys[i][1]:
-                    readers[i].end()
-        except BaseException:
-            for reader in readers.values():
-                reader.put(RestoreError("the download stopped"), 0)
-            raise
-
+    total = 0
+    flusher = _Flusher(fd)
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(feed, tg)
-            tg.start_soon(deliver)
-            for i, (key, size) in enumerate(keys):
-                if i in whole:
-                    n = whole[i]
-                    await arrived[n].wait()
-                    data = got.pop(n)
-                    window.give(weight(n))
-                    if isinstance(data, BaseException):
-                        raise data
-                    total += len(data)
-                    await anyio.to_thread.run_sync(applier.apply, io.BytesIO(data), key, len(data))
-                    progress.advance(len(data))
-                else:
-                    await anyio.to_thread.run_sync(applier.apply, readers[i], key, size)
+        applier = _Applier(fd, flusher)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(download.run)
+                for i in download.order:
+                    source, size = await download.object(i)
+                    await anyio.to_thread.run_sync(applier.apply, source, keys[i][0], size)
+                    if isinstance(source, io.BytesIO):
+                        progress.advance(size)
                     total += size
-            tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
+        finally:
+            await anyio.to_thread.run_sync(flusher.close)
+        applier.finish()
         # Both must pass before the rename. The check reads the pages from
-        # the page cache while the fsync writes them out (on 2 cores this
-        # beat sending them to disk during the download: 3.8 s against 4.1).
+        # the page cache while the fsync writes them out.
         async with anyio.create_task_group() as tg:
             tg.start_soon(anyio.to_thread.run_sync, os.fsync, fd)
-            tg.start_soon(anyio.to_thread.run_sync, _check_database, tmp_db)
+            if quick_check:
+                tg.start_soon(anyio.to_thread.run_sync, _check_database, tmp_db)
     finally:
         os.close(fd)
+    _put_in_place(tmp_db, path)
+    progress.finish()
+    return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
+
+
+def _put_in_place(tmp_db: str, path: str) -> None:
     # Stale WAL or shared-memory files beside the target would be replayed
     # onto the restored database by SQLite: move them aside, keep them.
     for suffix in ("-wal", "-shm", "-journal"):
@@ -700,8 +766,94 @@ async def _restore_plan(
             log.warning("moved stale %s aside to %s", path + suffix, aside)
     os.replace(tmp_db, path)
     fsync_dir(os.path.dirname(path))
-    progress.finish()
-    return RestoreResult(path, plan.generation, plan.txid, plan.timestamp_ms, len(keys), total, 0.0)
+
+
+class _Download:
+    """The downloads of a restore: one queue over every object, in the
+    order they are applied, so the next objects arrive while one is
+    applied; ``parallelism`` GETs at a time, and the bytes held bounded by
+    a :class:`_Window`. Objects up to :data:`PART_SIZE` come whole; larger
+    ones in ranged parts, streamed to a :class:`_PartReader`. A failed GET
+    is raised by the applier when it reaches that object."""
+
+    def __init__(
+        self,
+        client: ReplicaClient,
+        keys: list[tuple[str, int]],
+        order: list[int],
+        parallelism: int,
+        progress: Progress,
+    ) -> None:
+        self.order = order
+        self._client = client
+        self._keys = keys
+        # (object, start, length), length -1 for a whole GET
+        self._pieces: list[tuple[int, int, int]] = []
+        for i in order:
+            size = keys[i][1]
+            if size <= PART_SIZE:
+                self._pieces.append((i, 0, -1))
+            else:
+                self._pieces.extend((i, s, min(PART_SIZE, size - s)) for s in range(0, size, PART_SIZE))
+        self._limiter = anyio.CapacityLimiter(parallelism)
+        self._window = _Window((parallelism + 2) * PART_SIZE)
+        self._got: dict[int, bytes | BaseException] = {}
+        self._arrived = [anyio.Event() for _ in self._pieces]
+        self._readers = {
+            i: _PartReader(self._window, progress) for i, (_k, size) in enumerate(keys) if size > PART_SIZE
+        }
+        self._whole = {i: n for n, (i, _start, length) in enumerate(self._pieces) if length < 0}
+
+    async def run(self) -> None:
+        """Download every piece (until cancelled)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._deliver)
+            for n in range(len(self._pieces)):
+                await self._window.take(self._weight(n))
+                tg.start_soon(self._fetch, n)
+
+    async def object(self, i: int) -> tuple[_format.Readable, int]:
+        """Object ``i`` to read and its size: whole once it has arrived, or
+        its parts as they arrive. Raises the error of a failed whole GET."""
+        if i not in self._whole:
+            return self._readers[i], self._keys[i][1]
+        n = self._whole[i]
+        await self._arrived[n].wait()
+        data = self._got.pop(n)
+        self._window.give(self._weight(n))
+        if isinstance(data, BaseException):
+            raise data
+        return io.BytesIO(data), len(data)
+
+    def _weight(self, n: int) -> int:
+        i, _start, length = self._pieces[n]
+        return max(_Window.MIN_PIECE, self._keys[i][1] if length < 0 else length)
+
+    async def _fetch(self, n: int) -> None:
+        i, start, length = self._pieces[n]
+        key = self._keys[i][0]
+        try:
+            async with self._limiter:
+                get = self._client.get(key) if length < 0 else self._client.get_range(key, start, length)
+                self._got[n] = await get
+        except Exception as exc:  # handed to the applier, which raises it in order
+            self._got[n] = exc
+        self._arrived[n].set()
+
+    async def _deliver(self) -> None:
+        """Parts of large objects, in order, to their readers."""
+        try:
+            for n, (i, start, length) in enumerate(self._pieces):
+                if length < 0:
+                    continue
+                await self._arrived[n].wait()
+                self._readers[i].put(self._got.pop(n), self._weight(n))
+                if start + length == self._keys[i][1]:
+                    self._readers[i].end()
+        except BaseException:
+            for reader in self._readers.values():
+                reader.put(RestoreError("the download stopped"), 0)
+            raise
 
 
 class _Window:
@@ -780,6 +932,7 @@ def restore(
     parallelism: int = DEFAULT_PARALLELISM,
     progress: ProgressCallback | None = None,
     fallback: bool = False,
+    quick_check: bool = False,
 ) -> RestoreResult | None:
     """Rebuild ``database`` from ``replica`` (a URL, or a list tried in
     order until one restores); call at startup, before any connection to
@@ -804,6 +957,13 @@ def restore(
       is missing), restore the newest older state that can be, with a
       warning, instead of raising :class:`GenerationUnrestorableError`:
       the commits after that state are then not in the restored database.
+    - ``quick_check``: also run SQLite's ``PRAGMA quick_check`` on the
+      restored file before putting it in place (off by default). The
+      restore already proves the file is, page for page, the database the
+      replicator captured (the database checksum of its newest object), so
+      the check can only find damage that was in the source database itself,
+      and it costs a read of the whole file (about a quarter of the restore
+      time of a 128 MB database on the benchmark machine).
 
     Returns a :class:`RestoreResult`, or ``None`` when nothing was done.
     Stale ``-wal``/``-shm`` files next to the target are moved aside, not
@@ -823,6 +983,7 @@ def restore(
             parallelism=parallelism,
             progress=progress,
             fallback=fallback,
+            quick_check=quick_check,
         ),
         backend="asyncio",
     )

@@ -131,7 +131,9 @@ def _apply(tmp_path: Path, obj: bytes) -> bytes:
     path = tmp_path / "applied.db"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _restore._Applier(fd).apply(_Trickle(obj, 1 << 20), "the-key", len(obj))
+        applier = _restore._Applier(fd)
+        applier.apply(_Trickle(obj, 1 << 20), "the-key", len(obj))
+        applier.finish()
     finally:
         os.close(fd)
     return path.read_bytes()
