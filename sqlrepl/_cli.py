@@ -79,6 +79,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             parallelism=args.parallelism,
             progress=progress,
             fallback=args.fallback,
+            quick_check=args.quick_check,
         )
     if result is None:
         why = "the database exists" if os.path.exists(output) else "the replica is empty"
@@ -283,6 +284,12 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="fail (instead of doing nothing) when the replica is empty",
     )
     p.add_argument("--parallelism", type=int, default=8, help="parallel downloads (default 8)")
+    p.add_argument(
+        "--quick-check",
+        action="store_true",
+        help="also run PRAGMA quick_check on the restored database (the database checksum already proves"
+        " it is the captured one; this also finds damage the source database had)",
+    )
     p.set_defaults(func=cmd_restore)
 
 

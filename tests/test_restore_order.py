@@ -9,11 +9,13 @@ import io
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_database, fast_options, file_url, restore_fresh
+from helpers import ROOT, assert_same_database, fast_options, file_url, restore_fresh
 
 import sqlrepl
 from sqlrepl import _format, _restore
@@ -356,3 +358,25 @@ def test_a_failing_background_flush_fails_the_restore(
     with pytest.raises(sqlrepl.RestoreError, match=r"to disk failed.*Input/output error"):
         sqlrepl.restore(str(target), url)
     assert not target.exists()
+
+
+def test_cli_quick_check_flag(tmp_path: Path) -> None:
+    """``sqlrepl restore --quick-check`` refuses a damaged source; without it, the copy is restored."""
+    url = _corrupt_inside_replica(tmp_path)
+    checked = subprocess.run(
+        [sys.executable, "-m", "sqlrepl", "restore", str(tmp_path / "checked.db"), url, "--quick-check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert checked.returncode != 0
+    assert "restored database fails" in checked.stderr
+    assert not (tmp_path / "checked.db").exists()
+    plain = subprocess.run(
+        [sys.executable, "-m", "sqlrepl", "restore", str(tmp_path / "copied.db"), url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert (tmp_path / "copied.db").stat().st_size > 0
