@@ -85,7 +85,6 @@ __all__ = [
     "follow_once",
     "read_settings",
     "restore_once",
-    "wait_until_started",
 ]
 
 log = logging.getLogger("sqlrepl.django")
@@ -775,10 +774,7 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     def _sqlrepl_wait(self) -> None:
         self._sqlrepl_dirty = self._sqlrepl_pending = False
-        database = self._sqlrepl_database
-        timeout = self.sqlrepl.replicated_timeout
-        wait_until_started(database, time.monotonic() + timeout)
-        sqlrepl.sync(database, timeout=timeout)
+        sqlrepl.sync(self._sqlrepl_database, timeout=self.sqlrepl.replicated_timeout)
 
     def commit(self) -> None:
         # Wait after Django has recorded the commit, so that on a timeout the
@@ -896,18 +892,6 @@ def _clone_test_db(
     finally:
         dst.close()
         src.close()
-
-
-def wait_until_started(database: str, deadline: float) -> None:
-    """Wait (until ``deadline``, a ``time.monotonic()`` value) while the
-    replicator of ``database`` in this process is still ``"starting"``.
-
-    Works around an engine issue: a ``sync()`` made before the replicator
-    knows it stands by is not passed to the replicating process, and waits
-    out its whole timeout. A new worker's first write hits it.
-    """
-    while sqlrepl.status(database).role == "starting" and time.monotonic() < deadline:
-        time.sleep(0.002)
 
 
 def _may_write(sql: Any) -> bool:
