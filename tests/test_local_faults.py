@@ -14,12 +14,19 @@ from helpers import ROOT, assert_same_database, fast_options, file_url, restore_
 
 import sqlrepl
 
-FULL_STAGING = r"""
-import os, sys, sqlrepl
+# The start of each script run with its staging folder on a small tmpfs
+# (argv: the database, the replica URL, this folder, and what the test adds).
+PROLOGUE = r"""
+import asyncio, errno, os, sqlite3, sys, threading, time, sqlrepl
 sys.path.insert(0, sys.argv[3])
-from helpers import fast_options, fill_disk, wait_for_disk_full_error
+from helpers import fast_options, fill_disk, wait_for, wait_for_disk_full_error
 db, url = sys.argv[1], sys.argv[2]
 staging = db + "-sqlrepl"
+"""
+
+FULL_STAGING = (
+    PROLOGUE
+    + r"""
 conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.commit()
@@ -44,6 +51,7 @@ print("stopped", flush=True)
 left = [name for _, _, files in os.walk(staging) for name in files if name.startswith(".tmp-")]
 print("temporaries left:", left, flush=True)
 """
+)
 
 
 def _in_private_tmpfs(folder: Path, size: str, script: str, *args: str, timeout: float) -> str:
@@ -80,18 +88,30 @@ def _in_private_tmpfs(folder: Path, size: str, script: str, *args: str, timeout:
     return out.stdout + out.stderr
 
 
+def _on_small_staging(tmp_path: Path, size: str, script: str, *args: str) -> tuple[Path, str, str]:
+    """Run ``script`` (see PROLOGUE) for ``tmp_path/app.db`` replicated to a
+    folder, its staging folder on a ``size`` tmpfs; return the database, the
+    replica URL and what the script printed."""
+    db = tmp_path / "app.db"
+    staging = Path(f"{db}-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    here = str(Path(__file__).parent)
+    return db, url, _in_private_tmpfs(staging, size, script, str(db), url, here, *args, timeout=400)
+
+
+def _assert_restores_equal(url: str, db: str | Path, tmp_path: Path) -> None:
+    restored = tmp_path / "restored.db"
+    restore_fresh(url, restored)
+    assert_same_database(db, restored)
+
+
 def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
     """Staging on a full 8 MiB filesystem while about 6 MB is committed; then
     3 MiB is freed, less than the backlog: the error is in status(), capture
     goes on in pieces that fit, sync() returns, no temporary file is left
     behind and the replica restores equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
+    db, url, out = _on_small_staging(tmp_path, "8m", FULL_STAGING)
     assert "error: staging folder" in out
     assert "out of disk space ([Errno 28] No space left on device; 0.0 MiB free)" in out
     assert out.count("is out of disk space") == 2  # status(), and one log line
@@ -103,9 +123,7 @@ def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) 
     # Each write that met the full disk removed its temporary (which holds
     # the room freed: a leak of them wedged replication for good).
     assert "temporaries left: []" in out, out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    _assert_restores_equal(url, db, tmp_path)
 
 
 RECREATE = r"""
@@ -199,13 +217,10 @@ def test_database_replaced_under_a_running_app(
     assert_same_database(db, restored)
 
 
-GIVE_WAY_ON_FULL_STAGING = r"""
-import os, sqlite3, sys, threading, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options, fill_disk, wait_for, wait_for_disk_full_error
+GIVE_WAY_ON_FULL_STAGING = (
+    PROLOGUE
+    + r"""
 from sqlrepl import _wal
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
 conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.commit()
@@ -239,6 +254,7 @@ ckpt.close()
 conn.close()
 sqlrepl.stop_all(timeout=10)
 """
+)
 
 
 def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
@@ -246,98 +262,50 @@ def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(
     is full and the uncopied backlog is larger than the room that comes back:
     sqlrepl copies it in pieces that fit, so the checkpoint completes within
     its busy timeout, in the same generation, and the replica restores equal."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", GIVE_WAY_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
+    db, url, out = _on_small_staging(tmp_path, "8m", GIVE_WAY_ON_FULL_STAGING)
     assert "checkpoint waiting" in out
     assert "checkpoint [(0, 0, 0)]" in out, out
     assert "synced" in out
     assert "did not stop" not in out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    _assert_restores_equal(url, db, tmp_path)
 
 
-NEW_GENERATION_ON_FULL_STAGING = r"""
-import os, sqlite3, sys, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options, fill_disk, wait_for_disk_full_error
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
+# A new generation on a full staging disk: SETUP, then what makes the next
+# capture start a new generation (whose snapshot meets the full disk), then ROOM.
+NEW_GENERATION_SETUP = r"""
 conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
 conn.commit()
 sqlrepl.sync(db, timeout=60)
 first = sqlrepl.status(db).generation
+filler = os.path.join(staging, "filler")
+"""
+
+NEW_GENERATION_CAUSES = {
+    # Written while sqlrepl is not running: the next start needs a new generation.
+    "changed_while_stopped": r"""
 conn.close()
 sqlrepl.stop_all(timeout=10)
-# Written while sqlrepl is not running: the next start needs a new generation.
 plain = sqlite3.connect(db, isolation_level=None)
 plain.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
 plain.close()
-filler = os.path.join(staging, "filler")
 fill_disk(filler)
 conn = sqlrepl.connect(db, url, options=fast_options())
-conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
-conn.commit()
-wait_for_disk_full_error(db)
-print("role", sqlrepl.status(db).role, flush=True)
-os.unlink(filler)
-sqlrepl.sync(db, timeout=120)
-print("synced", sqlrepl.status(db).generation != first, flush=True)
-conn.close()
-sqlrepl.stop_all(timeout=10)
-"""
-
-
-def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path) -> None:
-    """The app starts while the staging disk is full and the database changed
-    while sqlrepl was not running, so the new generation's snapshot finds no
-    room: the replicator reports it and keeps trying (it does not fail for
-    good), and once room comes back sync() returns and the replica restores
-    equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", NEW_GENERATION_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
-    assert "role replicating" in out, out
-    assert "synced True" in out, out
-    assert "crashed" not in out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
-
-
-CONTINUITY_LOST_ON_FULL_STAGING = r"""
-import os, sys, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options, fill_disk, wait_for_disk_full_error
+""",
+    # The next capture finds continuity lost (as after a WAL reset it cannot prove).
+    "continuity_lost": r"""
 from sqlrepl import _capture
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
-conn = sqlrepl.connect(db, url, options=fast_options())
-conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
-conn.commit()
-sqlrepl.sync(db, timeout=60)
-first = sqlrepl.status(db).generation
-filler = os.path.join(staging, "filler")
 fill_disk(filler)
-# The next capture finds continuity lost (as after a WAL reset it cannot
-# prove), so the new generation's snapshot meets the full disk.
 real = _capture.Capture.capture
 def lost(self, *args, **kwargs):
     _capture.Capture.capture = real
     raise _capture.ContinuityLost("injected by the test")
 _capture.Capture.capture = lost
+""",
+}
+
+NEW_GENERATION_ROOM = r"""
 conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
 conn.commit()
 wait_for_disk_full_error(db)
@@ -350,24 +318,19 @@ sqlrepl.stop_all(timeout=10)
 """
 
 
-def test_continuity_lost_on_a_full_staging_disk_waits_for_room(tmp_path: Path) -> None:
-    """Continuity is lost while the staging disk is full, so the new
-    generation's snapshot finds no room: the replicator reports it and keeps
-    trying rather than failing for good, and once room comes back sync()
-    returns in the new generation and the replica restores equal."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", CONTINUITY_LOST_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
+@pytest.mark.parametrize("cause", sorted(NEW_GENERATION_CAUSES))
+def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path, cause: str) -> None:
+    """A new generation is due while the staging disk is full (the database
+    changed while sqlrepl was not running, or continuity is lost), so its
+    snapshot finds no room: the replicator reports it and keeps trying (it
+    does not fail for good), and once room comes back sync() returns in the
+    new generation and the replica restores equal to the live database."""
+    script = PROLOGUE + NEW_GENERATION_SETUP + NEW_GENERATION_CAUSES[cause] + NEW_GENERATION_ROOM
+    db, url, out = _on_small_staging(tmp_path, "8m", script)
     assert "role replicating" in out, out
     assert "synced True" in out, out
     assert "crashed" not in out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    _assert_restores_equal(url, db, tmp_path)
 
 
 STOP_WITHOUT_WAL = r"""
@@ -439,12 +402,9 @@ def test_stop_returns_while_a_new_generation_keeps_failing(tmp_path: Path) -> No
     assert "did not stop" not in out
 
 
-FIRST_START_ON_FULL_STAGING = r"""
-import errno, os, sys, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options, wait_for
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
+FIRST_START_ON_FULL_STAGING = (
+    PROLOGUE
+    + r"""
 # Full before sqlrepl ever ran here: not even its writer id fits (out of
 # bytes), or not even its folders (out of inodes).
 fillers = []
@@ -476,6 +436,7 @@ print("error after:", sqlrepl.status(db).error, flush=True)
 conn.close()
 sqlrepl.stop_all(timeout=10)
 """
+)
 
 
 @pytest.mark.parametrize("full", ["bytes", "inodes"])
@@ -485,14 +446,9 @@ def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full:
     replicator says so (status() and one log line) and keeps trying instead
     of crashing, and once room comes back sync() returns and the replica
     restores equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
     # (The size is a mount option: the inode limit goes with it.)
     size = "1m" if full == "bytes" else "1m,nr_inodes=64"
-    here = str(Path(__file__).parent)
-    out = _in_private_tmpfs(staging, size, FIRST_START_ON_FULL_STAGING, str(db), url, here, full, timeout=400)
+    db, url, out = _on_small_staging(tmp_path, size, FIRST_START_ON_FULL_STAGING, full)
     assert "error: staging folder" in out, out
     assert out.count("is out of disk space") == 2, out  # status(), and one log line
     assert "role starting" in out, out
@@ -501,18 +457,13 @@ def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full:
     assert "synced" in out, out
     assert "error after: None" in out, out
     assert "crashed" not in out, out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    _assert_restores_equal(url, db, tmp_path)
 
 
-RESEED_ON_FULL_STAGING = r"""
-import asyncio, os, sys, time, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options, fill_disk, wait_for
+RESEED_ON_FULL_STAGING = (
+    PROLOGUE
+    + r"""
 from sqlrepl._replica import open_replica
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
 conn = sqlrepl.connect(db, url, options=fast_options(replica_check_interval=0.2))
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.execute("INSERT INTO t(v) VALUES (randomblob(100000))")
@@ -549,6 +500,7 @@ print("synced", flush=True)
 conn.close()
 sqlrepl.stop_all(timeout=10)
 """
+)
 
 
 def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: Path) -> None:
@@ -556,19 +508,12 @@ def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: P
     cannot record itself locally: that is reported as the full disk it is,
     not as a failing replica, and once room comes back sync() returns and
     the replica restores equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    here = str(Path(__file__).parent)
-    out = _in_private_tmpfs(staging, "1m", RESEED_ON_FULL_STAGING, str(db), url, here, timeout=400)
+    db, url, out = _on_small_staging(tmp_path, "1m", RESEED_ON_FULL_STAGING)
     assert "noticed the wipe" in out, out
     assert "synced" in out, out
     # (The wipe itself may fail a write of the replica's, which is its failure.)
     assert "failed ([Errno 28] No space left on device); retrying" not in out, out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    _assert_restores_equal(url, db, tmp_path)
 
 
 WAL_DELETED = r"""
@@ -639,6 +584,4 @@ def test_wal_deleted_under_the_app_is_reported_with_what_to_do(tmp_path: Path) -
     finally:
         conn.close()
         sqlrepl.stop_all(timeout=10)
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    _assert_restores_equal(url, db, tmp_path)
