@@ -75,6 +75,13 @@ def restore_fresh(url: str, dest: str | os.PathLike[str], **kwargs: object) -> s
     return result
 
 
+def assert_restores_equal(url: str, source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Restore ``url`` into ``dest`` (a path that must not exist yet); it
+    passes integrity_check and holds what ``source`` holds."""
+    restore_fresh(url, dest)
+    assert_same_database(source, dest)
+
+
 def file_url(path: str | os.PathLike[str]) -> str:
     return "file://" + os.path.abspath(os.fspath(path))
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url, restore_fresh
+from helpers import ROOT, assert_restores_equal, fast_options, file_url
 
 import sqlrepl
 
@@ -100,12 +100,6 @@ def _on_small_staging(tmp_path: Path, size: str, script: str, *args: str) -> tup
     return db, url, _in_private_tmpfs(staging, size, script, str(db), url, here, *args, timeout=400)
 
 
-def _assert_restores_equal(url: str, db: str | Path, tmp_path: Path) -> None:
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
-
-
 def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
     """Staging on a full 8 MiB filesystem while about 6 MB is committed; then
     3 MiB is freed, less than the backlog: the error is in status(), capture
@@ -123,7 +117,7 @@ def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) 
     # Each write that met the full disk removed its temporary (which holds
     # the room freed: a leak of them wedged replication for good).
     assert "temporaries left: []" in out, out
-    _assert_restores_equal(url, db, tmp_path)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 RECREATE = r"""
@@ -196,9 +190,7 @@ def test_database_replaced_under_a_running_app(
             assert status.replaced is not None, status
             assert "was replaced" in status.replaced, status
             assert status.generation != old_generation
-            restored = tmp_path / "restored.db"
-            restore_fresh(url, restored)
-            assert_same_database(db, restored)
+            assert_restores_equal(url, db, tmp_path / "restored.db")
             other.stdin.write("\n")
             other.stdin.flush()
             assert other.wait(60) == 0
@@ -212,9 +204,7 @@ def test_database_replaced_under_a_running_app(
         again.execute("INSERT INTO other(name) VALUES ('after')")
     sqlrepl.sync(db, timeout=60)
     assert sqlrepl.status(db).generation == status.generation
-    restored = tmp_path / "restored-after.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored-after.db")
 
 
 GIVE_WAY_ON_FULL_STAGING = (
@@ -267,7 +257,7 @@ def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(
     assert "checkpoint [(0, 0, 0)]" in out, out
     assert "synced" in out
     assert "did not stop" not in out
-    _assert_restores_equal(url, db, tmp_path)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 # A new generation on a full staging disk: SETUP, then what makes the next
@@ -330,7 +320,7 @@ def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path, 
     assert "role replicating" in out, out
     assert "synced True" in out, out
     assert "crashed" not in out
-    _assert_restores_equal(url, db, tmp_path)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 STOP_WITHOUT_WAL = r"""
@@ -457,7 +447,7 @@ def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full:
     assert "synced" in out, out
     assert "error after: None" in out, out
     assert "crashed" not in out, out
-    _assert_restores_equal(url, db, tmp_path)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 RESEED_ON_FULL_STAGING = (
@@ -513,7 +503,7 @@ def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: P
     assert "synced" in out, out
     # (The wipe itself may fail a write of the replica's, which is its failure.)
     assert "failed ([Errno 28] No space left on device); retrying" not in out, out
-    _assert_restores_equal(url, db, tmp_path)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 WAL_DELETED = r"""
@@ -584,4 +574,4 @@ def test_wal_deleted_under_the_app_is_reported_with_what_to_do(tmp_path: Path) -
     finally:
         conn.close()
         sqlrepl.stop_all(timeout=10)
-    _assert_restores_equal(url, db, tmp_path)
+    assert_restores_equal(url, db, tmp_path / "restored.db")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from faultproxy import FaultProxy
-from helpers import ROOT, assert_same_database, fast_options, restore_fresh, wait_for
+from helpers import ROOT, assert_restores_equal, assert_same_database, fast_options, wait_for
 from s3server import SeaweedS3
 
 import sqlrepl
@@ -55,9 +55,7 @@ def test_server_killed_and_restarted(own_s3_server: SeaweedS3, db_path: str, tmp
     _write(conn, 50)
     sqlrepl.sync(db_path, timeout=90)
     conn.close()
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db_path, restored)
+    assert_restores_equal(url, db_path, tmp_path / "restored.db")
 
 
 @pytest.mark.slow
@@ -103,9 +101,7 @@ def test_commits_go_on_while_the_store_holds_an_upload(
             proxy.release()
         sqlrepl.sync(db_path, timeout=90)
         conn.close()
-        restored = tmp_path / "restored.db"
-        restore_fresh(url, restored)
-        assert_same_database(db_path, restored)
+        assert_restores_equal(url, db_path, tmp_path / "restored.db")
 
 
 @pytest.mark.slow
@@ -139,9 +135,7 @@ def test_faults_through_a_proxy(
         proxy.clear()
         sqlrepl.sync(db_path, timeout=90)
         conn.close()
-        restored = tmp_path / "restored.db"
-        restore_fresh(url, restored)
-        assert_same_database(db_path, restored)
+        assert_restores_equal(url, db_path, tmp_path / "restored.db")
 
 
 @pytest.mark.parametrize(
