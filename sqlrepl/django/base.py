@@ -101,10 +101,9 @@ SQLREPL_KEYS = (
     "follow_timeout",
     "poll_interval",
 )
-# Django's own SQLite OPTIONS, and sqlite3.connect's keyword arguments.
-DJANGO_KEYS = (
-    "init_command",
-    "transaction_mode",
+# sqlite3.connect's parameters, in order (a backend may pass some by position).
+_SQLITE3_CONNECT = (
+    "database",
     "timeout",
     "detect_types",
     "isolation_level",
@@ -112,8 +111,9 @@ DJANGO_KEYS = (
     "factory",
     "cached_statements",
     "uri",
-    "autocommit",
 )
+# Django's own SQLite OPTIONS, and sqlite3.connect's keyword arguments.
+DJANGO_KEYS = ("init_command", "transaction_mode", *_SQLITE3_CONNECT[1:], "autocommit")
 _STOCK_BACKEND = "django.db.backends.sqlite3"
 # Statements that never change the database; anything else run in autocommit
 # mode may have (DDL, VACUUM, COMMIT, ...) and is waited for.
@@ -559,25 +559,13 @@ class _Connector:
     on a connection made by :func:`sqlrepl.connect`.
     """
 
-    # sqlite3.connect's parameters, in order (a backend may pass some by position).
-    _POSITIONAL = (
-        "database",
-        "timeout",
-        "detect_types",
-        "isolation_level",
-        "check_same_thread",
-        "factory",
-        "cached_statements",
-        "uri",
-    )
-
     def __init__(self, config: ReplicationSettings, replicas: tuple[str, ...], factory: Any) -> None:
         self._config = config
         self._replicas = replicas
         self._factory = _connection_class(factory)
 
     def __call__(self, *args: Any, **kwargs: Any) -> sqlrepl.Connection:
-        kwargs.update(zip(self._POSITIONAL, args, strict=False))
+        kwargs.update(zip(_SQLITE3_CONNECT, args, strict=False))
         kwargs.pop("factory", None)
         database = kwargs.pop("database")
         config = self._config
