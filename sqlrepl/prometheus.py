@@ -29,125 +29,155 @@ __all__ = ["SqlreplCollector", "register"]
 
 _KINDS = ("PUT", "GET", "LIST", "DELETE", "HEAD")
 _BYTE_KINDS = ("PUT", "GET")
-_DB = ["database"]
-_REP = ["database", "replica"]
-_KIND = ["database", "replica", "kind"]
+_DB = ("database",)
+_REP = ("database", "replica")
+_KIND = ("database", "replica", "kind")
+_GAUGE, _COUNTER = GaugeMetricFamily, CounterMetricFamily
+_Family = GaugeMetricFamily | CounterMetricFamily
+
+# Every series served, by a key of this module's: its type, name, help text
+# and labels. docs/observability.md lists the same, in the same order.
+_SERIES: dict[str, tuple[type[_Family], str, str, tuple[str, ...]]] = {
+    "replicating": (
+        _GAUGE,
+        "sqlrepl_replicating",
+        "1 if this process replicates the database, else 0 (standby, starting, stopped)",
+        _DB,
+    ),
+    "captured": (_GAUGE, "sqlrepl_captured_txid", "Newest transaction id captured from the WAL", _DB),
+    "staged_bytes": (
+        _GAUGE,
+        "sqlrepl_staged_bytes",
+        "Bytes of the objects in the local staging directory",
+        _DB,
+    ),
+    "staged_objects": (_GAUGE, "sqlrepl_staged_objects", "Objects in the local staging directory", _DB),
+    "snapshots": (_COUNTER, "sqlrepl_snapshots", "Snapshots started by this process", _DB),
+    "compactions": (_COUNTER, "sqlrepl_compactions", "Compactions started by this process", _DB),
+    "generations": (_COUNTER, "sqlrepl_generations", "Generations started by this process", _DB),
+    "replica_txid": (_GAUGE, "sqlrepl_replica_txid", "Newest transaction id stored in the replica", _REP),
+    "lag_seconds": (
+        _GAUGE,
+        "sqlrepl_replica_lag_seconds",
+        "Seconds since the oldest change the replica lacks was captured (0 when up to date)",
+        _REP,
+    ),
+    "lag_bytes": (_GAUGE, "sqlrepl_replica_lag_bytes", "Staged bytes the replica still has to upload", _REP),
+    "failing": (
+        _GAUGE,
+        "sqlrepl_replica_failing",
+        "1 while the replica's uploads fail (retrying), else 0",
+        _REP,
+    ),
+    "last_upload": (
+        _GAUGE,
+        "sqlrepl_replica_last_upload_timestamp_seconds",
+        "Unix time of the last object stored in the replica by this process",
+        _REP,
+    ),
+    "requests": (_COUNTER, "sqlrepl_replica_requests", "Requests made to the replica, by kind", _KIND),
+    "bytes": (
+        _COUNTER,
+        "sqlrepl_replica_bytes",
+        "Object bytes sent (PUT) and received (GET), by kind",
+        _KIND,
+    ),
+    "errors": (
+        _COUNTER,
+        "sqlrepl_replica_errors",
+        "Failed requests to the replica (retried or not), by kind",
+        _KIND,
+    ),
+    "verified": (
+        _GAUGE,
+        "sqlrepl_replica_verify_success_timestamp_seconds",
+        "Unix time of the last periodic verification that proved the replica restores",
+        _REP,
+    ),
+    "verify_ok": (
+        _GAUGE,
+        "sqlrepl_replica_verify_ok",
+        "1 if the last periodic verification with a verdict proved the replica, 0 if it failed",
+        _REP,
+    ),
+    "verified_txid": (
+        _GAUGE,
+        "sqlrepl_replica_verified_txid",
+        "Transaction id at which the last periodic verification with a verdict checked the replica",
+        _REP,
+    ),
+    "verify_failures": (
+        _COUNTER,
+        "sqlrepl_replica_verify_failures",
+        "Periodic verifications that found the replica would not restore to the database",
+        _REP,
+    ),
+}
 
 
 class _Families:
     """One scrape's metric families, filled from each replicator's status."""
 
     def __init__(self) -> None:
-        g, c = GaugeMetricFamily, CounterMetricFamily
-        self.replicating = g(
-            "sqlrepl_replicating",
-            "1 if this process replicates the database, else 0 (standby, starting, stopped)",
-            labels=_DB,
-        )
-        self.captured = g("sqlrepl_captured_txid", "Newest transaction id captured from the WAL", labels=_DB)
-        self.staged_bytes = g(
-            "sqlrepl_staged_bytes", "Bytes of the objects in the local staging directory", labels=_DB
-        )
-        self.staged_objects = g(
-            "sqlrepl_staged_objects", "Objects in the local staging directory", labels=_DB
-        )
-        self.snapshots = c("sqlrepl_snapshots", "Snapshots started by this process", labels=_DB)
-        self.compactions = c("sqlrepl_compactions", "Compactions started by this process", labels=_DB)
-        self.generations = c("sqlrepl_generations", "Generations started by this process", labels=_DB)
-        self.replica_txid = g(
-            "sqlrepl_replica_txid", "Newest transaction id stored in the replica", labels=_REP
-        )
-        self.lag_seconds = g(
-            "sqlrepl_replica_lag_seconds",
-            "Seconds since the oldest change the replica lacks was captured (0 when up to date)",
-            labels=_REP,
-        )
-        self.lag_bytes = g(
-            "sqlrepl_replica_lag_bytes", "Staged bytes the replica still has to upload", labels=_REP
-        )
-        self.failing = g(
-            "sqlrepl_replica_failing", "1 while the replica's uploads fail (retrying), else 0", labels=_REP
-        )
-        self.last_upload = g(
-            "sqlrepl_replica_last_upload_timestamp_seconds",
-            "Unix time of the last object stored in the replica by this process",
-            labels=_REP,
-        )
-        self.requests = c("sqlrepl_replica_requests", "Requests made to the replica, by kind", labels=_KIND)
-        self.bytes = c(
-            "sqlrepl_replica_bytes", "Object bytes sent (PUT) and received (GET), by kind", labels=_KIND
-        )
-        self.errors = c(
-            "sqlrepl_replica_errors", "Failed requests to the replica (retried or not), by kind", labels=_KIND
-        )
-        self.verified = g(
-            "sqlrepl_replica_verify_success_timestamp_seconds",
-            "Unix time of the last periodic verification that proved the replica restores",
-            labels=_REP,
-        )
-        self.verified_txid = g(
-            "sqlrepl_replica_verified_txid",
-            "Transaction id at which the last periodic verification with a verdict checked the replica",
-            labels=_REP,
-        )
-        self.verify_ok = g(
-            "sqlrepl_replica_verify_ok",
-            "1 if the last periodic verification with a verdict proved the replica, 0 if it failed",
-            labels=_REP,
-        )
-        self.verify_failures = c(
-            "sqlrepl_replica_verify_failures",
-            "Periodic verifications that found the replica would not restore to the database",
-            labels=_REP,
-        )
+        self._families = {
+            key: family(name, text, labels=list(labels))
+            for key, (family, name, text, labels) in _SERIES.items()
+        }
+
+    def _add(self, key: str, labels: list[str], value: float | None) -> None:
+        # None: no value to report (a lag in standby, no upload yet), so no sample.
+        if value is not None:
+            self._families[key].add_metric(labels, value)
 
     def add(self, st: Status) -> None:
         db = [st.database]
-        self.replicating.add_metric(db, 1.0 if st.role == "replicating" else 0.0)
-        self.captured.add_metric(db, st.txid)
-        self.staged_bytes.add_metric(db, st.staged_bytes)
-        self.staged_objects.add_metric(db, st.staged_objects)
-        self.snapshots.add_metric(db, st.snapshots)
-        self.compactions.add_metric(db, st.compactions)
-        self.generations.add_metric(db, st.generations)
+        value: float | None
+        for key, value in (
+            ("replicating", 1.0 if st.role == "replicating" else 0.0),
+            ("captured", st.txid),
+            ("staged_bytes", st.staged_bytes),
+            ("staged_objects", st.staged_objects),
+            ("snapshots", st.snapshots),
+            ("compactions", st.compactions),
+            ("generations", st.generations),
+        ):
+            self._add(key, db, value)
         for r in st.replicas:
             rep = [st.database, r.url]
-            self.replica_txid.add_metric(rep, r.txid)
-            self.failing.add_metric(rep, 1.0 if r.last_error else 0.0)
-            if r.lag_seconds is not None:
-                self.lag_seconds.add_metric(rep, r.lag_seconds)
-            if r.lag_bytes is not None:
-                self.lag_bytes.add_metric(rep, r.lag_bytes)
-            if r.last_upload_time is not None:
-                self.last_upload.add_metric(rep, r.last_upload_time)
+            # Only a verification that reached a verdict says ok or not, and at which txid.
+            verdict = r.verification if r.verification is not None and r.verification.ok is not None else None
+            for key, value in (
+                ("replica_txid", r.txid),
+                ("failing", 1.0 if r.last_error else 0.0),
+                ("lag_seconds", r.lag_seconds),
+                ("lag_bytes", r.lag_bytes),
+                ("last_upload", r.last_upload_time),
+                ("verify_failures", r.verify_failures),
+                ("verified", r.verified_time),
+                ("verify_ok", None if verdict is None else float(bool(verdict.ok))),
+                ("verified_txid", None if verdict is None else verdict.txid),
+            ):
+                self._add(key, rep, value)
             for kind in _KINDS:
-                self.requests.add_metric([*rep, kind], r.requests.get(kind, 0))
-                self.errors.add_metric([*rep, kind], r.errors_by_kind.get(kind, 0))
+                self._add("requests", [*rep, kind], r.requests.get(kind, 0))
+                self._add("errors", [*rep, kind], r.errors_by_kind.get(kind, 0))
             for kind in _BYTE_KINDS:
-                self.bytes.add_metric([*rep, kind], r.bytes_by_kind.get(kind, 0))
-            self.verify_failures.add_metric(rep, r.verify_failures)
-            if r.verified_time is not None:
-                self.verified.add_metric(rep, r.verified_time)
-            v = r.verification
-            if v is not None and v.ok is not None:
-                self.verify_ok.add_metric(rep, 1.0 if v.ok else 0.0)
-                if v.txid is not None:
-                    self.verified_txid.add_metric(rep, v.txid)
+                self._add("bytes", [*rep, kind], r.bytes_by_kind.get(kind, 0))
 
-    def __iter__(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        return iter(v for v in vars(self).values() if isinstance(v, GaugeMetricFamily | CounterMetricFamily))
+    def __iter__(self) -> Iterator[_Family]:
+        return iter(self._families.values())
 
 
 class SqlreplCollector(Collector):
     """Reads every replicator's status when scraped. Made by :func:`register`."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[_Family]:
         families = _Families()
         for rep in all_replicators():
             families.add(rep.status)
         return iter(families)
 
-    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def describe(self) -> Iterator[_Family]:
         # (The names, so that a registry can refuse clashes without a scrape.)
         return iter(_Families())
 

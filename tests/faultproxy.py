@@ -18,6 +18,9 @@ through again. Kinds:
   forgets a multipart upload once it is complete).
 - ``"stall"``: hold the request ``seconds``, then forward it (a server that is
   very slow to answer; a client with a shorter read timeout gives up first).
+- ``"hold"``: hold the request until :meth:`FaultProxy.release`, then forward
+  it (a server that stops answering for as long as the test needs, however
+  slow the machine); ``held`` counts the requests waiting there.
 - ``"cut_request"``: read ``after_bytes`` of the request body, then reset the
   connection (the server never sees the request).
 - ``"cut_response"``: forward the request, pass ``after_bytes`` more response
@@ -45,7 +48,7 @@ from types import TracebackType
 
 __all__ = ["FAULT_KINDS", "FaultProxy"]
 
-FAULT_KINDS = ("http500", "slowdown", "no_such_upload", "stall", "cut_request", "cut_response")
+FAULT_KINDS = ("http500", "slowdown", "no_such_upload", "stall", "hold", "cut_request", "cut_response")
 
 _ERRORS = {
     "http500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
@@ -82,6 +85,8 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._held = 0
+        self._released: asyncio.Event | None = None
 
     @property
     def endpoint(self) -> str:
@@ -109,6 +114,25 @@ class FaultProxy:
         """Drop every queued fault (counts are kept)."""
         with self._lock:
             self._faults.clear()
+
+    def release(self) -> None:
+        """Drop every queued ``hold`` and forward the requests held so far."""
+        with self._lock:
+            self._faults = [f for f in self._faults if f.kind != "hold"]
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._release_held(), self._loop).result(10)
+
+    async def _release_held(self) -> None:
+        # Held requests wait on this event; later holds on a new one.
+        released, self._released = self._released, asyncio.Event()
+        if released is not None:
+            released.set()
+
+    @property
+    def held(self) -> int:
+        """How many requests a ``hold`` is holding now."""
+        with self._lock:
+            return self._held
 
     @property
     def pending(self) -> int:
@@ -151,6 +175,7 @@ class FaultProxy:
         self._loop.run_forever()
 
     async def _listen(self) -> None:
+        self._released = asyncio.Event()
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -229,6 +254,8 @@ class FaultProxy:
                     return
                 if fault is not None and fault.kind == "stall":
                     await asyncio.sleep(fault.seconds)
+                if fault is not None and fault.kind == "hold":
+                    await self._hold()
 
                 if upstream is None:
                     upstream = await asyncio.open_connection(*self.upstream)
@@ -252,6 +279,17 @@ class FaultProxy:
                     await pump
             if upstream is not None:
                 _abort(upstream[1])
+
+    async def _hold(self) -> None:
+        released = self._released
+        assert released is not None
+        with self._lock:
+            self._held += 1
+        try:
+            await released.wait()
+        finally:
+            with self._lock:
+                self._held -= 1
 
     async def _drain_body(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, length: int, expects: bool

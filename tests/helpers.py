@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import subprocess
@@ -9,9 +10,13 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import sqlrepl
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +75,13 @@ def restore_fresh(url: str, dest: str | os.PathLike[str], **kwargs: object) -> s
     return result
 
 
+def assert_restores_equal(url: str, source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Restore ``url`` into ``dest`` (a path that must not exist yet); it
+    passes integrity_check and holds what ``source`` holds."""
+    restore_fresh(url, dest)
+    assert_same_database(source, dest)
+
+
 def file_url(path: str | os.PathLike[str]) -> str:
     return "file://" + os.path.abspath(os.fspath(path))
 
@@ -113,3 +125,39 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0, interval: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something truthy (an event: a status
+    value, a file, a scraped sample) and return it; fail naming ``what``
+    after ``timeout``, a deadline that only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def wait_for_disk_full_error(db: str | os.PathLike[str]) -> sqlrepl.Status:
+    """Wait until ``status(db).error`` reports the staging disk full; return that status."""
+
+    def full() -> sqlrepl.Status | None:
+        status = sqlrepl.status(os.fspath(db))
+        return status if "No space left on device" in (status.error or "") else None
+
+    return wait_for("a full staging disk in status().error", full)
+
+
+def fill_disk(path: str | os.PathLike[str], *, chunk: int = 65536) -> int:
+    """Write zeros to the new file ``path`` until its filesystem is full
+    (ENOSPC); return the file's size."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return os.path.getsize(path)

@@ -4,7 +4,9 @@
 asks for it); ``s3_bucket`` a fresh, uniquely named bucket per test, deleted
 afterwards; ``s3_env`` the ``AWS_*`` variables pointing at the server, set for
 the test with everything else AWS-related cleared; ``s3_url`` a replica URL in
-that bucket.
+that bucket. ``own_s3_server`` is a SeaweedFS of one test's own, which the
+test may kill and restart, with its ``AWS_*`` variables set and one bucket,
+``own``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from s3server import SeaweedS3
 
-__all__ = ["isolate_aws_env", "s3_bucket", "s3_env", "s3_server", "s3_url"]
+__all__ = ["isolate_aws_env", "own_s3_server", "s3_bucket", "s3_env", "s3_server", "s3_url"]
 
 # Variables that could point a test at a real account or change botocore's
 # behaviour. AWS_CA_BUNDLE stays: it is part of this machine's TLS set-up.
@@ -85,3 +87,19 @@ def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def s3_url(s3_server: SeaweedS3, s3_bucket: str, s3_env: dict[str, str]) -> str:
     """``s3://BUCKET/replica?endpoint=...`` for this test's bucket."""
     return f"s3://{s3_bucket}/replica?endpoint={s3_server.endpoint}"
+
+
+@pytest.fixture
+def own_s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
+    """A SeaweedFS of this test's own (free to be killed and restarted), the
+    AWS variables pointing at it, and an empty bucket ``own``."""
+    server = SeaweedS3(tmp_path / "weed")
+    server.start()
+    try:
+        isolate_aws_env(monkeypatch, tmp_path)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        server.create_bucket("own")
+        yield server
+    finally:
+        server.close()

@@ -603,8 +603,42 @@ Item.objects.count()
 while sqlrepl.status(DB).role != "replicating":
     time.sleep(0.01)
 out("ready")
-time.sleep(60)
+time.sleep(3600)  # until the test kills it
 """
+
+
+def test_first_replicated_write_of_a_process_that_stands_by(tmp_path: Path) -> None:
+    """A new process (a new gunicorn worker) whose first write, with
+    durability="replicated", comes while another process replicates: the
+    write returns once it is in the replica, through the replicating process."""
+    # A long sync interval: the row reaches the replica only if the write asks.
+    slow = {**FAST, "sync_interval": 600}
+    run_django(database(tmp_path, options=slow), 'call_command("migrate", verbosity=0)')
+    code = """
+    Item.objects.create(name="from a standby")
+    role = sqlrepl.status(DB).role
+    dest = DB + ".check"
+    sqlrepl.restore(dest, connection.settings_dict["OPTIONS"]["replica"])
+    out({"role": role, "restored": dest})
+    """
+    # The holder has just uploaded, so its next upload is ten minutes away.
+    holds = 'Item.objects.create(name="by the holder")\nsqlrepl.sync(DB)\n' + HOLDER
+    with subprocess.Popen(
+        [sys.executable, "-c", "import django\ndjango.setup()\n" + PRELUDE + holds],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=django_env(database(tmp_path, options=slow)),
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == '"ready"'
+            db = database(tmp_path, durability="replicated", replicated_timeout=120, options=slow)
+            result = last_json(run_django(db, code, timeout=300))
+        finally:
+            holder.kill()
+    assert result["role"] == "standby"
+    assert names(result["restored"]) == ["by the holder", "from a standby"]
 
 
 @pytest.mark.slow

@@ -333,7 +333,7 @@ sqlrepl.sync({str(db)!r})
 while sqlrepl.status({str(db)!r}).role != "replicating":
     time.sleep(0.01)
 print("ready", flush=True)
-time.sleep(60)
+time.sleep(3600)  # until the test kills it
 """
     with subprocess.Popen(
         [sys.executable, "-c", holder_code],
@@ -346,7 +346,9 @@ time.sleep(60)
             assert holder.stdout.readline().strip() == "ready"
             replicator = sqlrepl.get_replicator(str(db), [url])
             assert replicator is not None
-            replicator.sync(timeout=5)  # starts the replicator, which will stand by
+            # Starts the replicator, which will stand by. (Before the fix this
+            # sync was not passed on, and waited out its whole timeout.)
+            replicator.sync(timeout=120)
         finally:
             holder.kill()
 

@@ -10,42 +10,34 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url, restore_fresh
+from helpers import ROOT, assert_restores_equal, fast_options, file_url
 
 import sqlrepl
 
-FULL_STAGING = r"""
-import errno, os, sys, time, sqlrepl
+# The start of each script run with its staging folder on a small tmpfs
+# (argv: the database, the replica URL, this folder, and what the test adds).
+PROLOGUE = r"""
+import asyncio, errno, os, sqlite3, sys, threading, time, sqlrepl
 sys.path.insert(0, sys.argv[3])
-from helpers import fast_options
+from helpers import fast_options, fill_disk, wait_for, wait_for_disk_full_error
 db, url = sys.argv[1], sys.argv[2]
 staging = db + "-sqlrepl"
+"""
+
+FULL_STAGING = (
+    PROLOGUE
+    + r"""
 conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.commit()
 sqlrepl.sync(db, timeout=60)
-# Fill the staging filesystem to the last byte.
 filler = os.path.join(staging, "filler")
-with open(filler, "wb") as f:
-    try:
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-size = os.path.getsize(filler)
-slowest = 0.0
+size = fill_disk(filler)  # to the last byte
 for i in range(700):  # about 5.7 MB of incompressible pages: more than is freed below
-    t0 = time.monotonic()
     conn.execute("INSERT INTO t(v) VALUES (randomblob(8000))")
     conn.commit()
-    slowest = max(slowest, time.monotonic() - t0)
-print(f"slowest commit {slowest:.3f}s", flush=True)
-deadline = time.monotonic() + 120
-while "No space left on device" not in (sqlrepl.status(db).error or ""):
-    assert time.monotonic() < deadline, sqlrepl.status(db)
-    time.sleep(0.05)
-print("error:", sqlrepl.status(db).error, flush=True)
+print("committed while full", flush=True)
+print("error:", wait_for_disk_full_error(db).error, flush=True)
 wal = os.path.getsize(db + "-wal")
 os.truncate(filler, max(0, size - (3 << 20)))  # 3 MiB free: less than the backlog
 st = os.statvfs(staging)
@@ -54,12 +46,12 @@ sqlrepl.sync(db, timeout=120)
 print("synced", flush=True)
 print("error after:", sqlrepl.status(db).error, flush=True)
 conn.close()
-t0 = time.monotonic()
 sqlrepl.stop_all(timeout=10)
-print(f"stopped in {time.monotonic() - t0:.1f}s", flush=True)
+print("stopped", flush=True)
 left = [name for _, _, files in os.walk(staging) for name in files if name.startswith(".tmp-")]
 print("temporaries left:", left, flush=True)
 """
+)
 
 
 def _in_private_tmpfs(folder: Path, size: str, script: str, *args: str, timeout: float) -> str:
@@ -96,31 +88,36 @@ def _in_private_tmpfs(folder: Path, size: str, script: str, *args: str, timeout:
     return out.stdout + out.stderr
 
 
+def _on_small_staging(tmp_path: Path, size: str, script: str, *args: str) -> tuple[Path, str, str]:
+    """Run ``script`` (see PROLOGUE) for ``tmp_path/app.db`` replicated to a
+    folder, its staging folder on a ``size`` tmpfs; return the database, the
+    replica URL and what the script printed."""
+    db = tmp_path / "app.db"
+    staging = Path(f"{db}-sqlrepl")
+    staging.mkdir()
+    url = file_url(tmp_path / "replica")
+    here = str(Path(__file__).parent)
+    return db, url, _in_private_tmpfs(staging, size, script, str(db), url, here, *args, timeout=400)
+
+
 def test_full_staging_with_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
     """Staging on a full 8 MiB filesystem while about 6 MB is committed; then
     3 MiB is freed, less than the backlog: the error is in status(), capture
     goes on in pieces that fit, sync() returns, no temporary file is left
     behind and the replica restores equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
+    db, url, out = _on_small_staging(tmp_path, "8m", FULL_STAGING)
     assert "error: staging folder" in out
     assert "out of disk space ([Errno 28] No space left on device; 0.0 MiB free)" in out
     assert out.count("is out of disk space") == 2  # status(), and one log line
     assert "synced" in out
     assert "error after: None" in out
-    assert "stopped in" in out
+    assert "committed while full" in out
+    assert "stopped" in out
     assert "did not stop" not in out
     # Each write that met the full disk removed its temporary (which holds
     # the room freed: a leak of them wedged replication for good).
     assert "temporaries left: []" in out, out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 RECREATE = r"""
@@ -193,9 +190,7 @@ def test_database_replaced_under_a_running_app(
             assert status.replaced is not None, status
             assert "was replaced" in status.replaced, status
             assert status.generation != old_generation
-            restored = tmp_path / "restored.db"
-            restore_fresh(url, restored)
-            assert_same_database(db, restored)
+            assert_restores_equal(url, db, tmp_path / "restored.db")
             other.stdin.write("\n")
             other.stdin.flush()
             assert other.wait(60) == 0
@@ -209,38 +204,23 @@ def test_database_replaced_under_a_running_app(
         again.execute("INSERT INTO other(name) VALUES ('after')")
     sqlrepl.sync(db, timeout=60)
     assert sqlrepl.status(db).generation == status.generation
-    restored = tmp_path / "restored-after.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored-after.db")
 
 
-GIVE_WAY_ON_FULL_STAGING = r"""
-import errno, os, sqlite3, sys, threading, time, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options
+GIVE_WAY_ON_FULL_STAGING = (
+    PROLOGUE
+    + r"""
 from sqlrepl import _wal
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
 conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.commit()
 sqlrepl.sync(db, timeout=60)
 filler = os.path.join(staging, "filler")
-with open(filler, "wb") as f:
-    try:
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-size = os.path.getsize(filler)
+size = fill_disk(filler)
 for i in range(700):  # about 5.7 MB of incompressible pages
     conn.execute("INSERT INTO t(v) VALUES (randomblob(8000))")
     conn.commit()
-deadline = time.monotonic() + 120
-while "No space left on device" not in (sqlrepl.status(db).error or ""):
-    assert time.monotonic() < deadline, sqlrepl.status(db)
-    time.sleep(0.05)
+wait_for_disk_full_error(db)
 # Another connection's TRUNCATE checkpoint waits for sqlrepl's pin, which
 # holds the uncopied backlog...
 result = []
@@ -249,9 +229,10 @@ truncate = lambda: result.append(ckpt.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 thread = threading.Thread(target=truncate)
 thread.start()
 shm = _wal.long_lived_fd(db + "-shm")
-while not _wal.checkpointer_waiting(shm):
-    assert time.monotonic() < deadline and not result, result
-    time.sleep(0.005)
+def waiting():
+    assert not result, result  # (returned before it ever waited: nothing was tested)
+    return _wal.checkpointer_waiting(shm)
+wait_for("the checkpoint to wait for the pin", waiting, interval=0.005)
 print("checkpoint waiting", flush=True)
 # ...and then room comes back, less than the backlog.
 os.truncate(filler, max(0, size - (3 << 20)))
@@ -263,6 +244,7 @@ ckpt.close()
 conn.close()
 sqlrepl.stop_all(timeout=10)
 """
+)
 
 
 def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(tmp_path: Path) -> None:
@@ -270,119 +252,53 @@ def test_a_foreign_checkpoint_gets_through_a_backlog_larger_than_the_free_space(
     is full and the uncopied backlog is larger than the room that comes back:
     sqlrepl copies it in pieces that fit, so the checkpoint completes within
     its busy timeout, in the same generation, and the replica restores equal."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", GIVE_WAY_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
+    db, url, out = _on_small_staging(tmp_path, "8m", GIVE_WAY_ON_FULL_STAGING)
     assert "checkpoint waiting" in out
     assert "checkpoint [(0, 0, 0)]" in out, out
     assert "synced" in out
     assert "did not stop" not in out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
-NEW_GENERATION_ON_FULL_STAGING = r"""
-import errno, os, sqlite3, sys, time, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
+# A new generation on a full staging disk: SETUP, then what makes the next
+# capture start a new generation (whose snapshot meets the full disk), then ROOM.
+NEW_GENERATION_SETUP = r"""
 conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
 conn.commit()
 sqlrepl.sync(db, timeout=60)
 first = sqlrepl.status(db).generation
+filler = os.path.join(staging, "filler")
+"""
+
+NEW_GENERATION_CAUSES = {
+    # Written while sqlrepl is not running: the next start needs a new generation.
+    "changed_while_stopped": r"""
 conn.close()
 sqlrepl.stop_all(timeout=10)
-# Written while sqlrepl is not running: the next start needs a new generation.
 plain = sqlite3.connect(db, isolation_level=None)
 plain.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
 plain.close()
-filler = os.path.join(staging, "filler")
-with open(filler, "wb") as f:
-    try:
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
+fill_disk(filler)
 conn = sqlrepl.connect(db, url, options=fast_options())
-conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
-conn.commit()
-deadline = time.monotonic() + 120
-while "No space left on device" not in (sqlrepl.status(db).error or ""):
-    assert time.monotonic() < deadline, sqlrepl.status(db)
-    time.sleep(0.05)
-print("role", sqlrepl.status(db).role, flush=True)
-os.unlink(filler)
-sqlrepl.sync(db, timeout=120)
-print("synced", sqlrepl.status(db).generation != first, flush=True)
-conn.close()
-sqlrepl.stop_all(timeout=10)
-"""
-
-
-def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path) -> None:
-    """The app starts while the staging disk is full and the database changed
-    while sqlrepl was not running, so the new generation's snapshot finds no
-    room: the replicator reports it and keeps trying (it does not fail for
-    good), and once room comes back sync() returns and the replica restores
-    equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", NEW_GENERATION_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
-    assert "role replicating" in out, out
-    assert "synced True" in out, out
-    assert "crashed" not in out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
-
-
-CONTINUITY_LOST_ON_FULL_STAGING = r"""
-import errno, os, sys, time, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options
+""",
+    # The next capture finds continuity lost (as after a WAL reset it cannot prove).
+    "continuity_lost": r"""
 from sqlrepl import _capture
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
-conn = sqlrepl.connect(db, url, options=fast_options())
-conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-conn.execute("INSERT INTO t(v) VALUES (randomblob(200000))")
-conn.commit()
-sqlrepl.sync(db, timeout=60)
-first = sqlrepl.status(db).generation
-filler = os.path.join(staging, "filler")
-with open(filler, "wb") as f:
-    try:
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-# The next capture finds continuity lost (as after a WAL reset it cannot
-# prove), so the new generation's snapshot meets the full disk.
+fill_disk(filler)
 real = _capture.Capture.capture
 def lost(self, *args, **kwargs):
     _capture.Capture.capture = real
     raise _capture.ContinuityLost("injected by the test")
 _capture.Capture.capture = lost
+""",
+}
+
+NEW_GENERATION_ROOM = r"""
 conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
 conn.commit()
-deadline = time.monotonic() + 120
-while "No space left on device" not in (sqlrepl.status(db).error or ""):
-    assert time.monotonic() < deadline, sqlrepl.status(db)
-    time.sleep(0.05)
+wait_for_disk_full_error(db)
 print("role", sqlrepl.status(db).role, flush=True)
 os.unlink(filler)
 sqlrepl.sync(db, timeout=120)
@@ -392,24 +308,19 @@ sqlrepl.stop_all(timeout=10)
 """
 
 
-def test_continuity_lost_on_a_full_staging_disk_waits_for_room(tmp_path: Path) -> None:
-    """Continuity is lost while the staging disk is full, so the new
-    generation's snapshot finds no room: the replicator reports it and keeps
-    trying rather than failing for good, and once room comes back sync()
-    returns in the new generation and the replica restores equal."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    out = _in_private_tmpfs(
-        staging, "8m", CONTINUITY_LOST_ON_FULL_STAGING, str(db), url, str(Path(__file__).parent), timeout=400
-    )
+@pytest.mark.parametrize("cause", sorted(NEW_GENERATION_CAUSES))
+def test_a_new_generation_waits_for_room_on_a_full_staging_disk(tmp_path: Path, cause: str) -> None:
+    """A new generation is due while the staging disk is full (the database
+    changed while sqlrepl was not running, or continuity is lost), so its
+    snapshot finds no room: the replicator reports it and keeps trying (it
+    does not fail for good), and once room comes back sync() returns in the
+    new generation and the replica restores equal to the live database."""
+    script = PROLOGUE + NEW_GENERATION_SETUP + NEW_GENERATION_CAUSES[cause] + NEW_GENERATION_ROOM
+    db, url, out = _on_small_staging(tmp_path, "8m", script)
     assert "role replicating" in out, out
     assert "synced True" in out, out
     assert "crashed" not in out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 STOP_WITHOUT_WAL = r"""
@@ -481,12 +392,9 @@ def test_stop_returns_while_a_new_generation_keeps_failing(tmp_path: Path) -> No
     assert "did not stop" not in out
 
 
-FIRST_START_ON_FULL_STAGING = r"""
-import errno, os, sys, time, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
+FIRST_START_ON_FULL_STAGING = (
+    PROLOGUE
+    + r"""
 # Full before sqlrepl ever ran here: not even its writer id fits (out of
 # bytes), or not even its folders (out of inodes).
 fillers = []
@@ -502,11 +410,11 @@ conn = sqlrepl.connect(db, url, options=fast_options())
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
 conn.commit()
-deadline = time.monotonic() + 120
-while "No space left on device" not in (sqlrepl.status(db).error or ""):
-    assert time.monotonic() < deadline, sqlrepl.status(db)
-    assert sqlrepl.status(db).role != "failed", sqlrepl.status(db)
-    time.sleep(0.05)
+def full_and_not_failed():
+    status = sqlrepl.status(db)
+    assert status.role != "failed", status
+    return "No space left on device" in (status.error or "")
+wait_for("a full staging disk in status().error", full_and_not_failed)
 print("error:", sqlrepl.status(db).error, flush=True)
 print("role", sqlrepl.status(db).role, flush=True)
 for filler in fillers:
@@ -518,6 +426,7 @@ print("error after:", sqlrepl.status(db).error, flush=True)
 conn.close()
 sqlrepl.stop_all(timeout=10)
 """
+)
 
 
 @pytest.mark.parametrize("full", ["bytes", "inodes"])
@@ -527,14 +436,9 @@ def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full:
     replicator says so (status() and one log line) and keeps trying instead
     of crashing, and once room comes back sync() returns and the replica
     restores equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
     # (The size is a mount option: the inode limit goes with it.)
     size = "1m" if full == "bytes" else "1m,nr_inodes=64"
-    here = str(Path(__file__).parent)
-    out = _in_private_tmpfs(staging, size, FIRST_START_ON_FULL_STAGING, str(db), url, here, full, timeout=400)
+    db, url, out = _on_small_staging(tmp_path, size, FIRST_START_ON_FULL_STAGING, full)
     assert "error: staging folder" in out, out
     assert out.count("is out of disk space") == 2, out  # status(), and one log line
     assert "role starting" in out, out
@@ -543,30 +447,20 @@ def test_first_start_on_a_full_staging_disk_waits_for_room(tmp_path: Path, full:
     assert "synced" in out, out
     assert "error after: None" in out, out
     assert "crashed" not in out, out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
-RESEED_ON_FULL_STAGING = r"""
-import asyncio, errno, os, sys, time, sqlrepl
-sys.path.insert(0, sys.argv[3])
-from helpers import fast_options
+RESEED_ON_FULL_STAGING = (
+    PROLOGUE
+    + r"""
 from sqlrepl._replica import open_replica
-db, url = sys.argv[1], sys.argv[2]
-staging = db + "-sqlrepl"
 conn = sqlrepl.connect(db, url, options=fast_options(replica_check_interval=0.2))
 conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 conn.execute("INSERT INTO t(v) VALUES (randomblob(100000))")
 conn.commit()
 sqlrepl.sync(db, timeout=60)
 filler = os.path.join(staging, "filler")
-with open(filler, "wb", buffering=0) as f:
-    try:
-        while True:
-            f.write(b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
+fill_disk(filler, chunk=4096)
 # Emptied behind sqlrepl's back (every object deleted, as an operator or a
 # lifecycle rule would): the re-seed cannot record itself locally.
 async def wipe():
@@ -583,13 +477,10 @@ async def wipe():
     finally:
         await client.aclose()
 asyncio.run(wipe())
-deadline = time.monotonic() + 120
-while True:
+def noticed():
     status = sqlrepl.status(db)
-    if status.replicas[0].wipes and "No space left on device" in (status.error or ""):
-        break
-    assert time.monotonic() < deadline, status
-    time.sleep(0.05)
+    return status.replicas[0].wipes and "No space left on device" in (status.error or "")
+wait_for("the wipe noticed and the re-seed meeting the full disk", noticed)
 print("noticed the wipe", flush=True)
 os.unlink(filler)
 conn.execute("INSERT INTO t(v) VALUES (randomblob(1000))")
@@ -599,6 +490,7 @@ print("synced", flush=True)
 conn.close()
 sqlrepl.stop_all(timeout=10)
 """
+)
 
 
 def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: Path) -> None:
@@ -606,19 +498,12 @@ def test_a_reseed_on_a_full_staging_disk_is_not_the_replicas_failure(tmp_path: P
     cannot record itself locally: that is reported as the full disk it is,
     not as a failing replica, and once room comes back sync() returns and
     the replica restores equal to the live database."""
-    db = tmp_path / "app.db"
-    staging = Path(str(db) + "-sqlrepl")
-    staging.mkdir()
-    url = file_url(tmp_path / "replica")
-    here = str(Path(__file__).parent)
-    out = _in_private_tmpfs(staging, "1m", RESEED_ON_FULL_STAGING, str(db), url, here, timeout=400)
+    db, url, out = _on_small_staging(tmp_path, "1m", RESEED_ON_FULL_STAGING)
     assert "noticed the wipe" in out, out
     assert "synced" in out, out
     # (The wipe itself may fail a write of the replica's, which is its failure.)
     assert "failed ([Errno 28] No space left on device); retrying" not in out, out
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored.db")
 
 
 WAL_DELETED = r"""
@@ -689,6 +574,4 @@ def test_wal_deleted_under_the_app_is_reported_with_what_to_do(tmp_path: Path) -
     finally:
         conn.close()
         sqlrepl.stop_all(timeout=10)
-    restored = tmp_path / "restored.db"
-    restore_fresh(url, restored)
-    assert_same_database(db, restored)
+    assert_restores_equal(url, db, tmp_path / "restored.db")

@@ -7,31 +7,15 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from helpers import fast_options, file_url, run_python
+from helpers import fast_options, file_url, run_python, wait_for
 from prometheus_client import CollectorRegistry
 
 import sqlrepl
 import sqlrepl.prometheus
 from sqlrepl import _replica_memory
-
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    """Poll ``probe`` until it returns something truthy (an event: a status
-    value); fail with ``what`` after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _write(conn: sqlrepl.Connection, n: int = 1) -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_database, fast_options, file_url, restore_fresh
+from helpers import FakeClock, assert_same_database, fast_options, file_url, restore_fresh, wait_for
 
 import sqlrepl
 from sqlrepl import _format, _replica_memory
@@ -60,24 +60,27 @@ def test_retention_removes_old_history(db_path: str, tmp_path: Path) -> None:
     snapshot before the horizon disappear; the newest state still restores,
     and a point before the horizon is refused."""
     url = file_url(tmp_path / "replica")
-    opts = fast_options(retention=1.5, retention_check_interval=0.3, snapshot_interval=0.5)
+    # The replicator's clock moves only when told: the history's age does
+    # not depend on how fast this machine commits.
+    clock = FakeClock()
+    opts = fast_options(retention=1.5, retention_check_interval=0.3, snapshot_interval=0.5, clock=clock)
     conn = sqlrepl.connect(db_path, url, options=opts)
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     conn.commit()
     sqlrepl.sync(db_path)
     first_txid = sqlrepl.status(db_path).txid
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 4.5:
-        conn.execute("INSERT INTO t(v) VALUES (randomblob(300))")
-        conn.commit()
-        time.sleep(0.02)
-    sqlrepl.sync(db_path)
-    deadline = time.monotonic() + 10
-    while any(
-        isinstance(k, _format.SnapshotKey) and k.txid == first_txid for k in _keys(tmp_path / "replica")
-    ):
-        assert time.monotonic() < deadline, "retention never removed the first snapshot"
-        time.sleep(0.1)
+    for _ in range(9):  # 4.5 s of history, in steps of the snapshot interval
+        clock.advance(0.5)
+        for _ in range(10):
+            conn.execute("INSERT INTO t(v) VALUES (randomblob(300))")
+            conn.commit()
+        sqlrepl.sync(db_path)
+
+    def first_snapshot_gone() -> bool:
+        keys = _keys(tmp_path / "replica")
+        return not any(isinstance(k, _format.SnapshotKey) and k.txid == first_txid for k in keys)
+
+    wait_for("retention to remove the first snapshot", first_snapshot_gone)
     conn.close()
     keys = _keys(tmp_path / "replica")
     oldest_snapshot = min(k.txid for k in keys if isinstance(k, _format.SnapshotKey))
@@ -108,21 +111,17 @@ def test_staging_hard_limit_drops_a_failing_replicas_queue(
         conn.execute("INSERT INTO t(v) VALUES (randomblob(30000))")
         conn.commit()
         time.sleep(0.02)
-    deadline = time.monotonic() + 30
-    while "hard limit" not in caplog.text:
-        assert time.monotonic() < deadline, "the hard limit was never reached"
-        time.sleep(0.05)
+    wait_for("the hard limit to be reached", lambda: "hard limit" in caplog.text)
     assert any(r.levelno == logging.WARNING and "soft limit" in r.getMessage() for r in caplog.records)
     assert caplog.text.count("hard limit") == 1  # said once, not at every capture
     # The healthy replica is complete, and staging holds no queue: at most the
     # fresh snapshot the failing replica will need, plus the latest segment.
-    deadline = time.monotonic() + 30
-    while True:
+
+    def drained() -> bool:
         st = sqlrepl.status(db_path)
-        if st.staged_objects <= 2 and st.replicas[0].txid == st.txid:
-            break
-        assert time.monotonic() < deadline, st
-        time.sleep(0.05)
+        return st.staged_objects <= 2 and st.replicas[0].txid == st.txid
+
+    wait_for("the healthy replica complete and staging drained", drained)
     _replica_memory._failures[name].clear()
     sqlrepl.sync(db_path, timeout=30)
     conn.close()
@@ -142,11 +141,15 @@ def test_compaction_merges_small_segments(db_path: str, tmp_path: Path) -> None:
     the small ones are then deleted, and a restore reads few objects, through
     a VACUUM in the middle, with every checksum verified."""
     url = file_url(tmp_path / "replica")
-    opts = fast_options(compaction_interval=0.6, segment_retention=0.0, retention_check_interval=0.3)
+    # Compaction windows follow the replicator's clock, moved here every 30
+    # commits: six windows however fast this machine commits.
+    clock = FakeClock()
+    opts = fast_options(
+        compaction_interval=0.6, segment_retention=0.0, retention_check_interval=0.3, clock=clock
+    )
     conn = sqlrepl.connect(db_path, url, options=opts)
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     conn.commit()
-    captures = 0
     for i in range(150):
         conn.execute("INSERT INTO t(v) VALUES (randomblob(2000))")
         conn.commit()
@@ -154,8 +157,12 @@ def test_compaction_merges_small_segments(db_path: str, tmp_path: Path) -> None:
             conn.execute("DELETE FROM t WHERE id % 2 = 0")
             conn.commit()
             conn.execute("VACUUM")
-        time.sleep(0.02)
+        if i % 30 == 29:
+            sqlrepl.sync(db_path)
+            clock.advance(0.6)
+        time.sleep(0.02)  # pacing: many small uploads to merge
     sqlrepl.sync(db_path)
+    clock.advance(0.6)  # the last window is due too
     txid = sqlrepl.status(db_path).txid
     captures = sqlrepl.status(db_path).replicas[0].requests["PUT"]
 
@@ -165,14 +172,18 @@ def test_compaction_merges_small_segments(db_path: str, tmp_path: Path) -> None:
     def covered(segs: list[_format.SegmentKey]) -> bool:
         return any(a.last_txid >= b.first_txid for a, b in itertools.pairwise(segs))
 
-    deadline = time.monotonic() + 30
-    while True:
+    window = Path(db_path + "-sqlrepl") / "window"
+
+    def merged() -> list[_format.SegmentKey] | None:
+        # Every window merged, the merged segments uploaded, and the small
+        # ones they cover deleted.
+        if any(p.is_file() for p in window.rglob("*")) or sqlrepl.status(db_path).staged_objects:
+            return None
         segs = segments()
-        # Merged ones uploaded, and the small ones they cover deleted.
-        if len(segs) <= captures // 4 and segs and segs[-1].last_txid == txid and not covered(segs):
-            break
-        assert time.monotonic() < deadline, (captures, segs)
-        time.sleep(0.1)
+        return segs if segs and segs[-1].last_txid == txid and not covered(segs) else None
+
+    segs = wait_for("every window merged", merged)
+    assert len(segs) <= captures // 4, (captures, segs)
     conn.close()
     # Still one unbroken chain from the snapshot to the last txid.
     snapshot = min(k.txid for k in _keys(tmp_path / "replica") if isinstance(k, _format.SnapshotKey))

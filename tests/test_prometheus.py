@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-import time
+import re
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from helpers import fast_options, file_url
+from helpers import ROOT, fast_options, file_url, wait_for
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
-from s3fixtures import isolate_aws_env
 from s3server import SeaweedS3
 
 import sqlrepl
 import sqlrepl.prometheus
 
-T = TypeVar("T")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 # Short client timeouts so that a dead store surfaces in seconds.
@@ -70,18 +68,6 @@ def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90.0) -> T:
-    """Poll ``probe`` until it returns something truthy (an event: a scraped
-    value); fail with ``what`` after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _write(conn: sqlrepl.Connection, n: int) -> None:
     for _ in range(n):
         conn.execute("INSERT INTO t(v) VALUES (randomblob(500))")
@@ -117,6 +103,25 @@ def test_series_match_status(scraper: Scraper, db_path: str, tmp_path: Path) -> 
     conn.close()
 
 
+def test_served_series_are_the_documented_ones() -> None:
+    """The series the collector serves (name, type, labels) are exactly those docs/observability.md lists."""
+    table = (ROOT / "docs" / "observability.md").read_text()
+    documented = {
+        (name, kind, tuple(label.strip() for label in labels.split(",")))
+        for name, kind, labels in re.findall(
+            r"^\| `(sqlrepl_\w+)` \| (gauge|counter) \| ([\w, ]+) \|", table, re.M
+        )
+    }
+    served = set()
+    for family, name, _, labels in sqlrepl.prometheus._SERIES.values():
+        kind = "counter" if family is CounterMetricFamily else "gauge"
+        served.add((name + "_total" if kind == "counter" else name, kind, labels))
+    assert [f.name for f in sqlrepl.prometheus.SqlreplCollector().describe()] == [
+        name for _, name, _, _ in sqlrepl.prometheus._SERIES.values()
+    ]
+    assert served == documented
+
+
 def test_register_is_idempotent_per_registry() -> None:
     """Registering twice into one registry returns the same collector (no duplicate series)."""
     registry = CollectorRegistry()
@@ -124,36 +129,21 @@ def test_register_is_idempotent_per_registry() -> None:
     assert sqlrepl.prometheus.register(CollectorRegistry()) is not sqlrepl.prometheus.register(registry)
 
 
-@pytest.fixture
-def own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
-    """A SeaweedFS of this test's own, which the test stops and restarts."""
-    server = SeaweedS3(tmp_path / "weed")
-    server.start()
-    isolate_aws_env(monkeypatch, tmp_path)
-    for name, val in server.env().items():
-        monkeypatch.setenv(name, val)
-    server.create_bucket("metrics")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.mark.s3
 @pytest.mark.slow
 def test_scrape_while_the_store_dies_and_comes_back(
-    scraper: Scraper, own_server: SeaweedS3, db_path: str
+    scraper: Scraper, own_s3_server: SeaweedS3, db_path: str
 ) -> None:
     """Scraped over HTTP while the S3 store is killed and restarted: lag rises
     and falls back to zero, errors count up, txids match status()."""
-    url = f"s3://metrics/app?endpoint={own_server.endpoint}&{FAST}"
+    url = f"s3://own/app?endpoint={own_s3_server.endpoint}&{FAST}"
     conn = sqlrepl.connect(db_path, url, options=fast_options())
     conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
     _write(conn, 20)
     sqlrepl.sync(db_path, timeout=60)
     st = sqlrepl.status(db_path)
     db, label = st.database, st.replicas[0].url
-    assert "metrics" in label
+    assert "s3://own/app" in label
 
     def lag(samples: Samples) -> float:
         got = value(samples, "sqlrepl_replica_lag_seconds", database=db, replica=label)
@@ -165,7 +155,7 @@ def test_scrape_while_the_store_dies_and_comes_back(
     assert value(healthy, "sqlrepl_replica_txid", replica=label) == st.txid
     errors_before = total(healthy, "sqlrepl_replica_errors_total")
 
-    own_server.stop(grace=0)  # a crash
+    own_s3_server.stop(grace=0)  # a crash
     _write(conn, 20)
     failing = wait_for(
         "errors and a lag while the store is down",
@@ -182,7 +172,7 @@ def test_scrape_while_the_store_dies_and_comes_back(
     wait_for("the lag to rise", lambda: lag(scraper.scrape()) > lag(failing))
     assert value(scraper.scrape(), "sqlrepl_replica_txid", replica=label) == st.txid  # nothing new stored
 
-    own_server.start()
+    own_s3_server.start()
     recovered = wait_for(
         "the lag to fall back to zero", lambda: (s := scraper.scrape()) and lag(s) == 0 and s
     )

@@ -85,7 +85,6 @@ __all__ = [
     "follow_once",
     "read_settings",
     "restore_once",
-    "wait_until_started",
 ]
 
 log = logging.getLogger("sqlrepl.django")
@@ -102,10 +101,9 @@ SQLREPL_KEYS = (
     "follow_timeout",
     "poll_interval",
 )
-# Django's own SQLite OPTIONS, and sqlite3.connect's keyword arguments.
-DJANGO_KEYS = (
-    "init_command",
-    "transaction_mode",
+# sqlite3.connect's parameters, in order (a backend may pass some by position).
+_SQLITE3_CONNECT = (
+    "database",
     "timeout",
     "detect_types",
     "isolation_level",
@@ -113,8 +111,9 @@ DJANGO_KEYS = (
     "factory",
     "cached_statements",
     "uri",
-    "autocommit",
 )
+# Django's own SQLite OPTIONS, and sqlite3.connect's keyword arguments.
+DJANGO_KEYS = ("init_command", "transaction_mode", *_SQLITE3_CONNECT[1:], "autocommit")
 _STOCK_BACKEND = "django.db.backends.sqlite3"
 # Statements that never change the database; anything else run in autocommit
 # mode may have (DDL, VACUUM, COMMIT, ...) and is waited for.
@@ -560,25 +559,13 @@ class _Connector:
     on a connection made by :func:`sqlrepl.connect`.
     """
 
-    # sqlite3.connect's parameters, in order (a backend may pass some by position).
-    _POSITIONAL = (
-        "database",
-        "timeout",
-        "detect_types",
-        "isolation_level",
-        "check_same_thread",
-        "factory",
-        "cached_statements",
-        "uri",
-    )
-
     def __init__(self, config: ReplicationSettings, replicas: tuple[str, ...], factory: Any) -> None:
         self._config = config
         self._replicas = replicas
         self._factory = _connection_class(factory)
 
     def __call__(self, *args: Any, **kwargs: Any) -> sqlrepl.Connection:
-        kwargs.update(zip(self._POSITIONAL, args, strict=False))
+        kwargs.update(zip(_SQLITE3_CONNECT, args, strict=False))
         kwargs.pop("factory", None)
         database = kwargs.pop("database")
         config = self._config
@@ -775,10 +762,7 @@ class DatabaseWrapper(SQLiteDatabaseWrapper):  # type: ignore[misc]  # Django sh
 
     def _sqlrepl_wait(self) -> None:
         self._sqlrepl_dirty = self._sqlrepl_pending = False
-        database = self._sqlrepl_database
-        timeout = self.sqlrepl.replicated_timeout
-        wait_until_started(database, time.monotonic() + timeout)
-        sqlrepl.sync(database, timeout=timeout)
+        sqlrepl.sync(self._sqlrepl_database, timeout=self.sqlrepl.replicated_timeout)
 
     def commit(self) -> None:
         # Wait after Django has recorded the commit, so that on a timeout the
@@ -896,18 +880,6 @@ def _clone_test_db(
     finally:
         dst.close()
         src.close()
-
-
-def wait_until_started(database: str, deadline: float) -> None:
-    """Wait (until ``deadline``, a ``time.monotonic()`` value) while the
-    replicator of ``database`` in this process is still ``"starting"``.
-
-    Works around an engine issue: a ``sync()`` made before the replicator
-    knows it stands by is not passed to the replicating process, and waits
-    out its whole timeout. A new worker's first write hits it.
-    """
-    while sqlrepl.status(database).role == "starting" and time.monotonic() < deadline:
-        time.sleep(0.002)
 
 
 def _may_write(sql: Any) -> bool:
