@@ -36,6 +36,7 @@ from ._errors import (
     WalModeError,
 )
 from ._follow import Follower, FollowStatus, follow
+from ._progress import SnapshotProgress
 from ._replica import ObjectInfo, ReplicaClient, RequestStats, open_replica
 from ._replicator import Options, Replicator, Status, get_replicator, stop_all
 from ._report import ReplicaReport, StatusReport, read_status
@@ -55,6 +56,7 @@ __all__ = [
     "Options",
     "Replicator",
     "Status",
+    "SnapshotProgress",
     "Verification",
     "get_replicator",
     "read_status",

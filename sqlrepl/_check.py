@@ -23,6 +23,7 @@ __all__ = [
     "as_urls",
     "is_client",
     "count",
+    "seconds",
     "timestamp_ms",
     "txid",
 ]
@@ -43,6 +44,20 @@ def check_timeout(name: str, value: object) -> float | None:
             f"{name} must be a number of seconds >= 0 (or None to wait for ever), got {value!r}"
         )
     return None if math.isinf(value) else float(value)  # type: ignore[arg-type]
+
+
+def seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite number of seconds, > 0 if ``positive``, else >= 0 (an
+    interval, or a wait that must end). NaN, infinities, bools and strings
+    are refused."""
+    low = "> 0" if positive else ">= 0"
+    if (
+        not _is_number(value)
+        or not math.isfinite(value)  # type: ignore[arg-type]
+        or (value <= 0 if positive else value < 0)  # type: ignore[operator]
+    ):
+        raise ConfigError(f"{name} must be a finite number of seconds {low}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def count(name: str, value: object, *, minimum: int = 0) -> int:
@@ -83,10 +98,15 @@ def timestamp_ms(value: object) -> int:
     return int(seconds * 1000)
 
 
+# How the callables among the options are called, for the messages.
+_CALLED_AS = {"progress": "progress(done_bytes, total_bytes)", "clock": "clock() -> Unix seconds"}
+
+
 def check_options(options: object) -> None:
     """Check every field of an :class:`sqlrepl.Options` against its declared
     type: numbers of seconds are finite and >= 0, sizes and frame counts are
-    whole numbers >= 0; ``None`` only where the field allows it."""
+    whole numbers >= 0, functions are callable; ``None`` only where the
+    field allows it."""
     from ._options import Options  # (here: _options imports this module)
 
     if options is None:
@@ -109,6 +129,12 @@ def check_options(options: object) -> None:
                 raise ConfigError(
                     f"option {f.name} must be a finite number of seconds >= 0{also}, got {value!r}"
                 )
+        elif declared.startswith(("Callable", "ProgressCallback")) and not callable(value):
+            also = " (or None)" if "None" in declared else ""
+            raise ConfigError(
+                f"option {f.name} must be a function called as {_CALLED_AS.get(f.name, f.name + '()')}{also},"
+                f" got {value!r}"
+            )
 
 
 def check_database_path(path: str, *, role: str, folder_must_exist: bool) -> None:

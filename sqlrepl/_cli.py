@@ -22,7 +22,7 @@ from ._errors import SqlreplError
 from ._follow import FollowStatus, follow
 from ._integration import verify
 from ._progress import terminal_bar
-from ._replica import open_replica
+from ._replica import open_replica, redact_url
 from ._replicator import Options, get_replicator, stop_all
 from ._report import format_report, read_status
 from ._restore import Generation, list_generations, restore
@@ -107,9 +107,15 @@ def _missing_folder(url: str) -> str | None:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    options = Options(sync_interval=args.sync_interval)
     if not os.path.exists(args.database):
         raise SqlreplError(f"{args.database} does not exist; replicate watches an existing database")
+    # A bar on a terminal while a snapshot that the replicas lack (the first,
+    # of a large database, say) is written and uploaded.
+    with terminal_bar("snapshot") as progress:
+        return _replicate(args, Options(sync_interval=args.sync_interval, progress=progress))
+
+
+def _replicate(args: argparse.Namespace, options: Options) -> int:
     # Opening through connect() sets WAL mode once and checks the URLs.
     conn = connect(args.database, args.replica, options=options)
     conn.close()
@@ -118,7 +124,8 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"replicating {os.path.abspath(args.database)} to {', '.join(c for c in rep.urls)}; Ctrl-C to stop")
+    shown = ", ".join(redact_url(u) for u in rep.urls)
+    print(f"replicating {os.path.abspath(args.database)} to {shown}; Ctrl-C to stop")
     while not stop.wait(1.0):
         status = rep.status
         if status.role == "failed":
@@ -237,16 +244,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sqlrepl",
-        description="Continuous replication of SQLite databases to S3 or a folder.",
-        epilog="Replica URLs: s3://bucket/prefix[?endpoint=URL&region=R] (credentials from AWS_* variables),"
-        " file:///absolute/path.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what sqlrepl does")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl restore``: every way to choose what to restore."""
     p = sub.add_parser(
         "restore",
         help="rebuild a database from a replica",
@@ -286,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallelism", type=int, default=8, help="parallel downloads (default 8)")
     p.set_defaults(func=cmd_restore)
 
+
+def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl replicate``: the sidecar for databases other programs write."""
     p = sub.add_parser(
         "replicate",
         help="replicate a database written by other programs (sidecar mode)",
@@ -298,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-timeout", type=float, default=30.0, help="seconds to upload at exit (default 30)")
     p.set_defaults(func=cmd_replicate)
 
+
+def _add_follow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl follow``: a read replica in the foreground."""
     p = sub.add_parser(
         "follow",
         help="keep a read-only copy of a replicated database current (read replica)",
@@ -312,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="print a line after each applied batch")
     p.set_defaults(func=cmd_follow)
 
+
+def _add_listings(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl generations|snapshots|segments``: what a replica holds."""
     for name, func, text in (
         ("generations", cmd_generations, "list the generations in a replica"),
         ("snapshots", cmd_snapshots, "list the snapshots in a replica"),
@@ -324,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
 
+
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl verify``: a replica against the live database."""
     p = sub.add_parser(
         "verify",
         help="restore to a temporary file and compare with the live database",
@@ -334,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("replica")
     p.set_defaults(func=cmd_verify)
 
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl status``: what the replicating process published."""
     p = sub.add_parser(
         "status",
         help="what the replicating process of a database has done",
@@ -345,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     p.set_defaults(func=cmd_status)
 
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``sqlrepl demo``: the whole round trip on a local folder."""
     p = sub.add_parser(
         "demo",
         help="replicate, delete, restore and show a demo database",
@@ -353,6 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", default="sqlrepl-demo", help="folder for the demo (default ./sqlrepl-demo)")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sqlrepl",
+        description="Continuous replication of SQLite databases to S3 or a folder.",
+        epilog="Replica URLs: s3://bucket/prefix[?endpoint=URL&region=R] (credentials from AWS_* variables),"
+        " file:///absolute/path.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what sqlrepl does")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_restore(sub)
+    _add_replicate(sub)
+    _add_follow(sub)
+    _add_listings(sub)
+    _add_verify(sub)
+    _add_status(sub)
+    _add_demo(sub)
     return parser
 
 

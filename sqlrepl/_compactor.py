@@ -63,6 +63,7 @@ class Compactor:
         if not gone:
             return
         for obj in gone:
+            st.progress.dropped(obj.key)  # progress hook
             if not self._to_window(obj):
                 st.staging.remove_object(obj.key, st.staging.compacted if obj.compacted else None)
             for r in st.replicas:

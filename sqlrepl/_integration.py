@@ -184,13 +184,7 @@ def verify(
     """
     path = os.path.abspath(database)
     shown = redact_url(replica)
-    if not os.path.isfile(path):
-        what = "is a directory" if os.path.isdir(path) else "does not exist"
-        raise ConfigError(f"verify: {path} {what}; give the path of the live database")
-    try:
-        _dump_digest(path)
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"verify: {path} cannot be read as a SQLite database ({exc})") from exc
+    _check_live(path)
     conn = None
     if sync_replicas is not None:
         conn = connect(path, list(sync_replicas), options=options)
@@ -212,49 +206,12 @@ def verify(
             before = _dump_digest(path)
             if conn is not None:
                 sync(path, timeout=timeout)
-            with tempfile.TemporaryDirectory(prefix="sqlrepl-verify-", dir=tmpdir) as work:
-                copy = os.path.join(work, "restored.db")
-                result = restore(copy, replica, if_db_not_exists=False, progress=report)
-                if result is None:
-                    return VerifyResult(False, f"EMPTY: the replica {shown} holds no backup to verify")
-                check = sqlite3.connect(copy)
-                try:
-                    integrity = [row[0] for row in check.execute("PRAGMA integrity_check")]
-                finally:
-                    check.close()
-                restored = _dump_digest(copy)
-            where = f"generation {result.generation}, txid {result.txid}, {_when(result.timestamp_ms)}"
-            if integrity != ["ok"]:
-                return VerifyResult(
-                    False,
-                    f"CORRUPT: the replica {shown} ({where}) restores to a database that fails"
-                    f" integrity_check: {integrity[:5]}",
-                    result.generation,
-                    result.txid,
-                )
-            after = _dump_digest(path)
-            if restored in (before, after):
-                return VerifyResult(
-                    True,
-                    f"OK: the replica {shown} ({where}) passes integrity_check and holds what {path}"
-                    f" holds ({restored[1]} lines of dump)",
-                    result.generation,
-                    result.txid,
-                )
-            if before == after:
-                hint = (
-                    ""
-                    if conn is not None
-                    else " A database being written runs ahead of its replica by up to the sync interval:"
-                    " verify when it is quiet, or after sqlrepl.sync()."
-                )
-                return VerifyResult(
-                    False,
-                    f"DIFFERENT: the replica {shown} ({where}) does not hold what {path} holds"
-                    f" ({restored[1]} against {before[1]} lines of dump).{hint}",
-                    result.generation,
-                    result.txid,
-                )
+            restored = _restore_checked(replica, tmpdir, report)
+            if restored is None:
+                return VerifyResult(False, f"EMPTY: the replica {shown} holds no backup to verify")
+            found = _judge(*restored, before, path, shown, synced=conn is not None)
+            if found is not None:
+                return found
             log.info("verify %s: %s changed during attempt %d; again", shown, path, attempt)
         return VerifyResult(
             False,
@@ -264,6 +221,84 @@ def verify(
     finally:
         if conn is not None:
             conn.close()
+
+
+def _check_live(path: str) -> None:
+    """Raise :class:`ConfigError` unless ``path`` is a readable SQLite database."""
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"verify: {path} {what}; give the path of the live database")
+    try:
+        _dump_digest(path)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"verify: {path} cannot be read as a SQLite database ({exc})") from exc
+
+
+def _restore_checked(
+    replica: str, tmpdir: str | None, progress: ProgressCallback
+) -> tuple[RestoreResult, list[str], tuple[str, int]] | None:
+    """Restore ``replica`` into a temporary file: what the restore did, what
+    ``integrity_check`` says of the copy, and its dump's digest; ``None`` if
+    the replica holds nothing."""
+    with tempfile.TemporaryDirectory(prefix="sqlrepl-verify-", dir=tmpdir) as work:
+        copy = os.path.join(work, "restored.db")
+        result = restore(copy, replica, if_db_not_exists=False, progress=progress)
+        if result is None:
+            return None
+        check = sqlite3.connect(copy)
+        try:
+            integrity = [row[0] for row in check.execute("PRAGMA integrity_check")]
+        finally:
+            check.close()
+        return result, integrity, _dump_digest(copy)
+
+
+def _judge(
+    result: RestoreResult,
+    integrity: list[str],
+    restored: tuple[str, int],
+    before: tuple[str, int],
+    path: str,
+    shown: str,
+    *,
+    synced: bool,
+) -> VerifyResult | None:
+    """The verdict on one attempt whose restored copy has digest
+    ``restored`` while the live database had ``before``; ``None`` if the live
+    database changed meanwhile (try again)."""
+    where = f"generation {result.generation}, txid {result.txid}, {_when(result.timestamp_ms)}"
+    if integrity != ["ok"]:
+        return VerifyResult(
+            False,
+            f"CORRUPT: the replica {shown} ({where}) restores to a database that fails"
+            f" integrity_check: {integrity[:5]}",
+            result.generation,
+            result.txid,
+        )
+    after = _dump_digest(path)
+    if restored in (before, after):
+        return VerifyResult(
+            True,
+            f"OK: the replica {shown} ({where}) passes integrity_check and holds what {path}"
+            f" holds ({restored[1]} lines of dump)",
+            result.generation,
+            result.txid,
+        )
+    if before == after:
+        hint = (
+            ""
+            if synced
+            else " A database being written runs ahead of its replica by up to the sync interval:"
+            " verify when it is quiet, or after sqlrepl.sync()."
+        )
+        return VerifyResult(
+            False,
+            f"DIFFERENT: the replica {shown} ({where}) does not hold what {path} holds"
+            f" ({restored[1]} against {before[1]} lines of dump).{hint}",
+            result.generation,
+            result.txid,
+        )
+    return None
 
 
 def _dump_digest(path: str) -> tuple[str, int]:

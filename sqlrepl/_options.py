@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from . import _check
 from ._errors import ConfigError
+from ._progress import ProgressCallback, SnapshotProgress
 from ._verify import Verification
 
 __all__ = ["Options", "ReplicaStatus", "Status"]
@@ -77,6 +78,12 @@ class Options:
     - ``clock``: the wall clock, in seconds since the epoch (``time.time``):
       the timestamps in keys and the schedules of snapshots, compaction and
       retention read it. Tests give one they can move.
+    - ``progress``: called as ``progress(done_bytes, total_bytes)`` while a
+      snapshot that replicas must receive (the first of a generation, or
+      one a replica asked for) is written and uploaded; see
+      ``sqlrepl._progress.SnapshotTracker`` and docs/observability.md.
+      Called from the replicator's threads; must be quick; one that raises
+      is logged once and not called again. ``None`` (default): no calls.
     """
 
     sync_interval: float = 1.0
@@ -99,6 +106,7 @@ class Options:
     replica_check_interval: float = 60.0
     verify_interval: float | None = None
     clock: Callable[[], float] = time.time
+    progress: ProgressCallback | None = None
 
     def __post_init__(self) -> None:
         _check.check_options(self)  # types first: the checks below compare values
@@ -180,3 +188,6 @@ class Status:
     snapshots: int = 0
     compactions: int = 0
     generations: int = 0
+    # The newest snapshot that replicas must receive (a generation's first,
+    # or one a replica asked for): bytes read and uploaded of the total.
+    snapshot_progress: SnapshotProgress | None = None

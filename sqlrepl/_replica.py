@@ -170,10 +170,24 @@ def redact_url(url: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = "&".join(
-        f"{k}=***" if _is_secret_option(k) else f"{k}={v}"
+        f"{k}=***" if _is_secret_option(k) else f"{k}={_without_userinfo(v)}"
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _without_userinfo(value: str) -> str:
+    # An option whose value is itself a URL (``endpoint=http://user:pw@host``)
+    # may carry a password too.
+    if "://" not in value or "@" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "***"
+    if "@" not in parts.netloc:
+        return value
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def _is_secret_option(name: str) -> bool:

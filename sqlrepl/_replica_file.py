@@ -25,6 +25,7 @@ from ._errors import (
     ReplicaPermissionError,
     ReplicaUnavailableError,
 )
+from ._progress import upload_sent
 from ._replica import ObjectInfo, RequestStats, request_kind
 from ._staging import fsync_dir
 
@@ -149,6 +150,7 @@ class FileReplicaClient:
                     while view:
                         view = view[os.write(fd, view) :]
                     total += len(chunk)
+                    upload_sent(len(chunk))  # progress hook: a chunk is written
             return total
 
         self._stats.requests["PUT"] += 1

@@ -44,13 +44,14 @@ import math
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import aiobotocore.session
 import aiohttp
+import anyio
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 
@@ -62,6 +63,7 @@ from ._errors import (
     ReplicaNotFoundError,
     ReplicaUnavailableError,
 )
+from ._progress import upload_sent
 from ._replica import ObjectInfo, RequestStats, request_kind
 
 log = logging.getLogger("sqlrepl")
@@ -399,12 +401,12 @@ class S3ReplicaClient:
         self._open_lock: asyncio.Lock | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._s3: Any = None
-        self._endpoint_label = _redact_endpoint(settings.endpoint) if settings.endpoint else "AWS S3"
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         path = quote(settings.prefix)
         query = "&".join(f"{k}={_redact_endpoint(v) if k == 'endpoint' else v}" for k, v in settings.options)
         self._url = urlunsplit(("s3", settings.bucket, "/" + path if path else "", query, ""))
+        self._errors = _Translator(settings, self._url, self._stats)
 
     def __repr__(self) -> str:
         return f"S3ReplicaClient({self._url!r})"
@@ -444,7 +446,7 @@ class S3ReplicaClient:
                 try:
                     self._s3 = await self._open()
                 except _STORE_ERRORS as exc:
-                    raise self._translate(exc, "connect", None, errors_before) from exc
+                    raise self._errors.translate(exc, "connect", None, errors_before) from exc
         return self._s3
 
     async def _open(self) -> Any:
@@ -472,7 +474,7 @@ class S3ReplicaClient:
         )
         self._exit_stack = stack
         if s.endpoint is None:
-            self._endpoint_label = f"AWS S3 ({client.meta.endpoint_url})"
+            self._errors.endpoint_label = f"AWS S3 ({client.meta.endpoint_url})"
         events = client.meta.events
         events.register("before-send.s3", self._on_before_send)
         events.register("response-received.s3", self._on_response)
@@ -518,11 +520,6 @@ class S3ReplicaClient:
             raise ValueError(f"invalid replica key {key!r}")
         return f"{self._settings.prefix}/{key}" if self._settings.prefix else key
 
-    def _where(self, key: str | None) -> str:
-        s = self._settings
-        path = "/".join(p for p in (s.prefix, key) if p)
-        return f"s3://{s.bucket}/{path}".rstrip("/")
-
     async def _call(
         self, operation: str, action: str, key: str | None, *, body_bytes: int = 0, **params: Any
     ) -> dict[str, Any]:
@@ -535,7 +532,7 @@ class S3ReplicaClient:
                 )
                 return response
         except _STORE_ERRORS as exc:
-            raise self._translate(exc, action, key, errors_before) from exc
+            raise self._errors.translate(exc, action, key, errors_before) from exc
 
     async def check(self) -> None:
         """HeadBucket: raise ``ReplicaNotFoundError`` for a missing bucket,
@@ -582,88 +579,7 @@ class S3ReplicaClient:
         if size <= self._settings.multipart_threshold:
             await self.put(key, await asyncio.to_thread(_read_file, path))
             return
-        part_size = self._settings.part_size
-        if math.ceil(size / part_size) > _MAX_PARTS:
-            part_size = math.ceil(size / _MAX_PARTS / MiB) * MiB
-        count = math.ceil(size / part_size)
-
-        created = await self._call("create_multipart_upload", "put", key, Key=full, **self._sse_params())
-        upload_id: str = created["UploadId"]
-        try:
-            etags = await self._upload_parts(key, full, upload_id, path, size, part_size, count)
-            parts = [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]
-            try:
-                await self._call(
-                    "complete_multipart_upload",
-                    "put",
-                    key,
-                    Key=full,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-            except ReplicaError as exc:
-                # A retried complete whose first try did complete (its answer
-                # lost on the way) finds no upload: the object is there.
-                if _error_code(exc.__cause__) != "NoSuchUpload" or not await self._has(key, full, size):
-                    raise
-                log.info("%s: the upload had completed; its answer was lost", self._where(key))
-        except BaseException:
-            abort = asyncio.ensure_future(self._abort(full, upload_id))
-            self._background.add(abort)
-            abort.add_done_callback(self._background.discard)
-            # Shielded: if this task is cancelled (again), the abort goes on
-            # in the background and aclose() waits for it.
-            await asyncio.shield(abort)
-            raise
-
-    async def _upload_parts(
-        self,
-        key: str,
-        full: str,
-        upload_id: str,
-        path: str | os.PathLike[str],
-        size: int,
-        part_size: int,
-        count: int,
-    ) -> list[str]:
-        etags = [""] * count
-        numbers = iter(range(count))
-
-        async def worker() -> None:
-            # Workers share one iterator, so each part is read and sent once
-            # and at most `upload_concurrency` parts are in memory.
-            for n in numbers:
-                length = min(part_size, size - n * part_size)
-                data, md5 = await asyncio.to_thread(_read_part, path, n * part_size, length)
-                response = await self._call(
-                    "upload_part",
-                    "put",
-                    key,
-                    body_bytes=length,
-                    Key=full,
-                    UploadId=upload_id,
-                    PartNumber=n + 1,
-                    Body=data,
-                    ContentMD5=md5,
-                )
-                etags[n] = response["ETag"]
-
-        await _run_all([worker for _ in range(min(self._settings.upload_concurrency, count))])
-        return etags
-
-    async def _has(self, key: str, full: str, size: int) -> bool:
-        """Whether the store holds ``key`` at ``size`` bytes (HeadObject).
-        Object keys are never reused for other contents, so that is the
-        object this client uploaded."""
-        try:
-            head = await self._call("head_object", "check", key, Key=full)
-        except ReplicaError:
-            return False
-        return int(head.get("ContentLength", -1)) == size
-
-    async def _abort(self, full: str, upload_id: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._call("abort_multipart_upload", "abort upload", None, Key=full, UploadId=upload_id)
+        await _MultipartUpload(self, key, full, path, size).run()
 
     def _sse_params(self) -> dict[str, Any]:
         return {"ServerSideEncryption": self._settings.sse} if self._settings.sse else {}
@@ -705,7 +621,7 @@ class S3ReplicaClient:
             except _BODY_ERRORS as exc:
                 self._stats.failed("GET")
                 if attempt == attempts:
-                    raise self._translate(exc, "get", key, errors_before=-1) from exc
+                    raise self._errors.translate(exc, "get", key, errors_before=-1) from exc
                 await asyncio.sleep(0.1 * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -750,7 +666,7 @@ class S3ReplicaClient:
             failed = response.get("Errors") or []
             if failed:
                 first = failed[0]
-                raise self._from_code(
+                raise self._errors.from_code(
                     str(first.get("Code", "")),
                     0,
                     str(first.get("Message", "")),
@@ -759,57 +675,167 @@ class S3ReplicaClient:
                     "delete",
                 )
 
-    # -- errors ------------------------------------------------------------
 
-    def _translate(
-        self, exc: BaseException, action: str, key: str | None, errors_before: int
-    ) -> ReplicaError:
+class _MultipartUpload:
+    """One multipart upload of the file at ``path`` (``size`` bytes) to
+    ``key`` through ``client``: create, send the parts
+    ``upload_concurrency`` at a time, complete. If anything fails the upload
+    is aborted (best effort) before the error propagates."""
+
+    def __init__(
+        self, client: S3ReplicaClient, key: str, full: str, path: str | os.PathLike[str], size: int
+    ) -> None:
+        self._client = client
+        self._key = key
+        self._full = full
+        self._path = path
+        self._size = size
+        part_size = client.settings.part_size
+        if math.ceil(size / part_size) > _MAX_PARTS:
+            part_size = math.ceil(size / _MAX_PARTS / MiB) * MiB
+        self._part_size = part_size
+        self._count = math.ceil(size / part_size)
+
+    async def run(self) -> None:
+        client, key, full = self._client, self._key, self._full
+        created = await client._call("create_multipart_upload", "put", key, Key=full, **client._sse_params())
+        upload_id: str = created["UploadId"]
+        try:
+            etags = await self._upload_parts(upload_id)
+            parts = [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]
+            try:
+                await client._call(
+                    "complete_multipart_upload",
+                    "put",
+                    key,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except ReplicaError as exc:
+                # A retried complete whose first try did complete (its answer
+                # lost on the way) finds no upload: the object is there.
+                if _error_code(exc.__cause__) != "NoSuchUpload" or not await self._has_object():
+                    raise
+                log.info("%s: the upload had completed; its answer was lost", client._errors.where(key))
+        except BaseException:
+            abort = asyncio.ensure_future(self._abort(upload_id))
+            client._background.add(abort)
+            abort.add_done_callback(client._background.discard)
+            # Shielded: if this task is cancelled (again), the abort goes on
+            # in the background and aclose() waits for it.
+            await asyncio.shield(abort)
+            raise
+
+    async def _upload_parts(self, upload_id: str) -> list[str]:
+        size, part_size, count = self._size, self._part_size, self._count
+        etags = [""] * count
+        numbers = iter(range(count))
+
+        async def worker() -> None:
+            # Workers share one iterator, so each part is read and sent once
+            # and at most `upload_concurrency` parts are in memory.
+            for n in numbers:
+                length = min(part_size, size - n * part_size)
+                data, md5 = await asyncio.to_thread(_read_part, self._path, n * part_size, length)
+                response = await self._client._call(
+                    "upload_part",
+                    "put",
+                    self._key,
+                    body_bytes=length,
+                    Key=self._full,
+                    UploadId=upload_id,
+                    PartNumber=n + 1,
+                    Body=data,
+                    ContentMD5=md5,
+                )
+                etags[n] = response["ETag"]
+                upload_sent(length)  # progress hook: a part is stored
+
+        await _run_all(worker, min(self._client.settings.upload_concurrency, count))
+        return etags
+
+    async def _has_object(self) -> bool:
+        """Whether the store holds the key at the file's size (HeadObject).
+        Object keys are never reused for other contents, so that is the
+        object this upload sent."""
+        try:
+            head = await self._client._call("head_object", "check", self._key, Key=self._full)
+        except ReplicaError:
+            return False
+        return int(head.get("ContentLength", -1)) == self._size
+
+    async def _abort(self, upload_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._client._call(
+                "abort_multipart_upload", "abort upload", None, Key=self._full, UploadId=upload_id
+            )
+
+
+class _Translator:
+    """Turns what botocore and aiohttp raise into the ``ReplicaError`` that
+    says what failed, on what and what to do; one per client, counting a
+    call that failed before any attempt in its ``stats``."""
+
+    def __init__(self, settings: S3Settings, url: str, stats: RequestStats) -> None:
+        self.settings = settings
+        self.url = url
+        self.stats = stats
+        # Named in messages; the client names AWS's own endpoint once it knows it.
+        self.endpoint_label = _redact_endpoint(settings.endpoint) if settings.endpoint else "AWS S3"
+
+    def where(self, key: str | None) -> str:
+        s = self.settings
+        path = "/".join(p for p in (s.prefix, key) if p)
+        return f"s3://{s.bucket}/{path}".rstrip("/")
+
+    def translate(self, exc: BaseException, action: str, key: str | None, errors_before: int) -> ReplicaError:
         """The ``ReplicaError`` for ``exc``, one of ``_STORE_ERRORS`` or a body
         streaming failure. ``errors_before`` (or -1) is ``stats.errors`` when
         the call began: a call that failed without a failed attempt counts one."""
-        if errors_before >= 0 and self._stats.errors == errors_before:
-            self._stats.failed(request_kind(action))
-        where = f"{action} {self._where(key)}"
+        if errors_before >= 0 and self.stats.errors == errors_before:
+            self.stats.failed(request_kind(action))
+        where = f"{action} {self.where(key)}"
         if isinstance(exc, botocore.exceptions.ClientError):
             response = exc.response
             error = response.get("Error", {})
             status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             code, message = str(error.get("Code", "")), str(error.get("Message", ""))
-            return self._from_code(code, status, message, where, action)
+            return self.from_code(code, status, message, where, action)
         if isinstance(exc, _CREDENTIAL_ERRORS):
             return ReplicaAuthError(
                 f"{where}: no usable AWS credentials ({type(exc).__name__}: {exc}); set AWS_ACCESS_KEY_ID"
                 " and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
-                replica=self._url,
+                replica=self.url,
             )
         if isinstance(exc, botocore.exceptions.SSLError):
             return ReplicaUnavailableError(
-                f"{where}: TLS failed with {self._endpoint_label} ({exc}); if the store uses a private CA,"
+                f"{where}: TLS failed with {self.endpoint_label} ({exc}); if the store uses a private CA,"
                 " point AWS_CA_BUNDLE at its certificate",
-                replica=self._url,
+                replica=self.url,
             )
         if isinstance(exc, botocore.exceptions.EndpointConnectionError):
             # aiobotocore also reports a connection reset mid-request this way.
             return ReplicaUnavailableError(
-                f"{where}: cannot reach {self._endpoint_label} ({_root_cause(exc)})", replica=self._url
+                f"{where}: cannot reach {self.endpoint_label} ({_root_cause(exc)})", replica=self.url
             )
         if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
             return ReplicaUnavailableError(
-                f"{where}: connecting to {self._endpoint_label} timed out after"
-                f" {self._settings.connect_timeout:g} s",
-                replica=self._url,
+                f"{where}: connecting to {self.endpoint_label} timed out after"
+                f" {self.settings.connect_timeout:g} s",
+                replica=self.url,
             )
         if isinstance(exc, botocore.exceptions.ReadTimeoutError):
             return ReplicaUnavailableError(
-                f"{where}: {self._endpoint_label} stopped answering (no data for"
-                f" {self._settings.read_timeout:g} s, {self._settings.max_attempts} attempts)",
-                replica=self._url,
+                f"{where}: {self.endpoint_label} stopped answering (no data for"
+                f" {self.settings.read_timeout:g} s, {self.settings.max_attempts} attempts)",
+                replica=self.url,
             )
         if isinstance(exc, TimeoutError):
             return ReplicaUnavailableError(
-                f"{where}: {self._endpoint_label} did not complete the call within its deadline"
+                f"{where}: {self.endpoint_label} did not complete the call within its deadline"
                 " (a stalled connection)",
-                replica=self._url,
+                replica=self.url,
             )
         if isinstance(
             exc,
@@ -820,38 +846,36 @@ class S3ReplicaClient:
             | ConnectionError,
         ):
             return ReplicaUnavailableError(
-                f"{where}: the connection to {self._endpoint_label} failed ({_root_cause(exc)})",
-                replica=self._url,
+                f"{where}: the connection to {self.endpoint_label} failed ({_root_cause(exc)})",
+                replica=self.url,
             )
-        return ReplicaError(f"{where}: {type(exc).__name__}: {exc}", replica=self._url)
+        return ReplicaError(f"{where}: {type(exc).__name__}: {exc}", replica=self.url)
 
-    def _from_code(self, code: str, status: int, message: str, where: str, action: str) -> ReplicaError:
+    def from_code(self, code: str, status: int, message: str, where: str, action: str) -> ReplicaError:
         detail = f"{code or status}: {message}" if message and message != code else (code or str(status))
         if code == "NoSuchBucket" or (status == 404 and action == "check"):
             return ReplicaNotFoundError(
-                f"{where}: bucket {self._settings.bucket!r} does not exist at {self._endpoint_label};"
+                f"{where}: bucket {self.settings.bucket!r} does not exist at {self.endpoint_label};"
                 " create it or fix the URL",
-                replica=self._url,
+                replica=self.url,
             )
         if code == "NoSuchKey" or (status == 404 and action == "get"):
-            return ObjectNotFoundError(f"{where}: no such object", replica=self._url)
+            return ObjectNotFoundError(f"{where}: no such object", replica=self.url)
         if code in _AUTH_CODES:
-            return ReplicaAuthError(f"{where}: {code}: {_AUTH_CODES[code]}", replica=self._url)
+            return ReplicaAuthError(f"{where}: {code}: {_AUTH_CODES[code]}", replica=self.url)
         if status in (401, 403):
             return ReplicaAuthError(
                 f"{where}: {detail}: the store refused the credentials (wrong access key or secret, expired"
                 " token, or no permission on the bucket)",
-                replica=self._url,
+                replica=self.url,
             )
         if code in _UNAVAILABLE_CODES or status >= 500 or status in (408, 429):
             return ReplicaUnavailableError(
-                f"{where}: {self._endpoint_label} answered {detail}"
-                f" (gave up after up to {self._settings.max_attempts} attempts)",
-                replica=self._url,
+                f"{where}: {self.endpoint_label} answered {detail}"
+                f" (gave up after up to {self.settings.max_attempts} attempts)",
+                replica=self.url,
             )
-        err = ReplicaError(
-            f"{where}: {self._endpoint_label} rejected the request: {detail}", replica=self._url
-        )
+        err = ReplicaError(f"{where}: {self.endpoint_label} rejected the request: {detail}", replica=self.url)
         # The store understood and refused this request: repeating it unchanged cannot succeed.
         err.transient = False
         return err
@@ -905,16 +929,33 @@ def _read_part(path: str | os.PathLike[str], offset: int, length: int) -> tuple[
     return data, _md5_b64(data)
 
 
-async def _run_all(workers: Sequence[Callable[[], Awaitable[None]]]) -> None:
-    """Run ``workers`` concurrently; on the first failure cancel the rest and
-    raise that failure itself (not an exception group)."""
-    tasks = [asyncio.ensure_future(w()) for w in workers]
+async def _run_all(worker: Callable[[], Coroutine[Any, Any, None]], count: int) -> None:
+    """Run ``count`` copies of ``worker`` in a task group: on the first
+    failure the others are cancelled, and that failure is raised itself (not
+    the exception group), as the caller's ``ReplicaError`` or ``OSError``."""
+    first: BaseException | None = None
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error
+        async with anyio.create_task_group() as group:
+            for _ in range(count):
+                group.start_soon(worker)
+    except BaseExceptionGroup as failures:
+        first = _first_failure(failures)
+    if first is not None:
+        # Raised outside the handler, so that its own cause and context stay
+        # what they were (the store's error), not the group.
+        raise first
+
+
+def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in ``group`` (nested groups flattened) that is
+    not a cancellation, else the first one."""
+    flat: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        else:
+            flat.append(exc)
+    cancelled = anyio.get_cancelled_exc_class()
+    return next((e for e in flat if not isinstance(e, cancelled)), flat[0])

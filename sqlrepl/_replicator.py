@@ -226,6 +226,7 @@ class Replicator:
                 st.snapshots,
                 st.compactions,
                 st.generations,
+                snapshot_progress=st.progress.current,  # progress hook
             )
 
     def _maintain_now(self, *, retention: bool = True, timeout: float = 60.0) -> None:
@@ -285,6 +286,7 @@ class Replicator:
         st.staging.remove_temp_files()
         self._leader.open_nudge_socket()
         capture = Capture(self.database, busy_timeout=self.options.busy_timeout, clock=self.options.clock)
+        capture.snapshot_progress = st.progress  # progress hook
         try:
             await anyio.to_thread.run_sync(capture.open)
         except (WalModeError, FileNotFoundError) as exc:
@@ -301,6 +303,7 @@ class Replicator:
         self._load_replicas()
         await self._generations.start_position()
         self._compactor.collect()
+        self._generations.track_leftover()  # progress hook
         with st.cond:
             st.role = "replicating"
             st.cond.notify_all()

@@ -22,7 +22,7 @@ from ._capture import CaptureRetry
 from ._compactor import Compactor
 from ._faults import LocalFaults, is_disk_full
 from ._lifecycle import group_generations, snapshot_due
-from ._queue import SEGMENT
+from ._queue import SEGMENT, Role, StagedObject
 from ._state import LoopState
 
 __all__ = ["Generations"]
@@ -153,6 +153,7 @@ class Generations:
         capture = st.capture
         assert capture is not None
         generation = _format.new_generation_id()
+        st.progress.begin(generation, "new generation", len(st.replicas))  # progress hook
         while True:
             try:
                 staged = await anyio.to_thread.run_sync(capture.new_generation, st.staging, generation)
@@ -169,7 +170,7 @@ class Generations:
         st.snapshots += 1
         st.mark_behind()
         self._compactor.drop_window()
-        st.add_staged(staged.key)
+        self._track_staged(st.add_staged(staged.key))  # progress hook
         st.snapshot_wanted = False  # (what a replica asked for meanwhile: this one serves)
         self.since_bytes = self.since_count = 0
         self.last_snapshot_time = st.options.clock()
@@ -206,6 +207,8 @@ class Generations:
         st = self.st
         capture = st.capture
         assert capture is not None
+        if st.snapshot_wanted:  # progress hook: a replica waits for this one
+            st.progress.begin(st.gen(), "replica needs one", len(st.replicas))
         try:
             staged = await anyio.to_thread.run_sync(capture.snapshot, st.staging, st.gen())
         except OSError as exc:
@@ -222,7 +225,7 @@ class Generations:
             return
         st.snapshot_wanted = False
         st.snapshots += 1
-        st.add_staged(staged.key)
+        self._track_staged(st.add_staged(staged.key))  # progress hook
         self.since_bytes = self.since_count = 0
         self.last_snapshot_time = st.options.clock()
         self._faults.snapshot_made()
@@ -236,3 +239,26 @@ class Generations:
         self.snapshot_txids = [t for t in self.snapshot_txids if t >= oldest] + [st.txid]
         await self.save()
         st.kick_all()
+
+    def _track_staged(self, obj: StagedObject) -> None:
+        """Progress hook: tell the snapshot tracker which replicas upload
+        ``obj`` (a no-op unless it is a tracked snapshot)."""
+        st = self.st
+        uploaders = [
+            (id(r), r.url) for r in st.replicas if st.queue.role_of(r, obj, st.generation) is Role.UPLOAD
+        ]
+        st.progress.staged(obj.key, obj.size, uploaders)
+
+    def track_leftover(self) -> None:
+        """Progress hook: a snapshot an earlier run staged and did not get
+        into every replica that lacks the generation (a restart cut the
+        upload of a first snapshot short) is tracked as it is uploaded."""
+        st = self.st
+        obj = st.queue.newest_snapshot(st.generation)
+        if obj is None or all(r.generation == obj.generation for r in st.replicas):
+            return
+        uploaders = [
+            (id(r), r.url) for r in st.replicas if st.queue.role_of(r, obj, st.generation) is Role.UPLOAD
+        ]
+        if uploaders:
+            st.progress.resume(obj.generation, obj.key, obj.size, uploaders)

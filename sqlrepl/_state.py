@@ -18,6 +18,7 @@ import anyio
 
 from ._capture import Capture
 from ._options import Options
+from ._progress import SnapshotTracker
 from ._queue import StagedObject, StagedQueue
 from ._replica import ReplicaClient
 from ._staging import Staging
@@ -116,6 +117,10 @@ class LoopState:
     # Set by the leadership part: wake the loop; publish progress to standbys.
     wake: Callable[[], None] = _nothing
     publish: Callable[[], None] = _nothing
+    progress: SnapshotTracker = field(init=False)  # the progress hook (Options.progress)
+
+    def __post_init__(self) -> None:
+        self.progress = SnapshotTracker(self.options.progress)
 
     def gen(self) -> str:
         assert self.generation is not None

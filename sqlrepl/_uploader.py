@@ -92,7 +92,8 @@ class Uploader:
                     st.wake()
                 return
             assert isinstance(nxt, StagedObject)
-            await r.client.put_file(nxt.key, nxt.path)
+            with st.progress.uploading(id(r), nxt.key):  # progress hook
+                await r.client.put_file(nxt.key, nxt.path)
             await self._uploaded(nxt)
 
     async def _watch(self) -> None:
@@ -148,6 +149,7 @@ class Uploader:
 
     async def _uploaded(self, obj: StagedObject) -> None:
         st, r = self.st, self.r
+        st.progress.uploaded(id(r), obj.key)  # progress hook (before sync() can see it)
         with st.cond:
             r.uploaded.add(obj.key)
             if obj.kind == SNAPSHOT:

@@ -182,8 +182,9 @@ def scan_wal(data: bytes | memoryview) -> WalScan:
     frame checksums) and report its committed frames.
 
     Stops at the first invalid or incomplete frame without raising. Costs a
-    checksum pass over every byte: for fixtures, verification and WALs with
-    no usable wal-index, not the replication hot path.
+    checksum pass over every byte: for tests and the capture benchmark. The
+    replicator never calls it: it reads the wal-index instead (and retries
+    while that is unreadable), it does not fall back to a scan.
     """
     header = parse_wal_header(bytes(data[:WAL_HEADER_SIZE]))
     if header is None:
@@ -222,7 +223,9 @@ def read_index_header(fd: int) -> IndexHeader | None:
 
     Returns ``None`` when the index is absent, uninitialised or being
     rewritten at this instant (the two copies differ or the checksum is
-    wrong): the caller retries or falls back to scanning the WAL.
+    wrong): the caller retries. (The capture retries for a while, then
+    reports :class:`~sqlrepl._livewal.CaptureRetry`; it has no fallback that
+    scans the WAL.)
     """
     try:
         raw = os.pread(fd, 136, 0)

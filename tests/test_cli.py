@@ -214,3 +214,27 @@ def test_replicate_sidecar(tmp_path: Path) -> None:
     restored = tmp_path / "restored.db"
     assert sqlrepl.restore(str(restored), url) is not None
     assert_same_database(db, restored)
+
+
+def test_replicate_prints_no_secret_of_the_url(tmp_path: Path) -> None:
+    """``sqlrepl replicate`` names the replica without a password given in
+    the endpoint's URL."""
+    db = str(tmp_path / "app.db")
+    make_db(db)
+    url = "s3://bucket/app?endpoint=http://user:PwSecret42@127.0.0.1:9&max_attempts=1"
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "sqlrepl", "replicate", db, url, "--exit-timeout", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert sidecar.stdout is not None
+        line = sidecar.stdout.readline()
+    finally:
+        sidecar.send_signal(signal.SIGTERM)
+        out, err = sidecar.communicate(timeout=60)
+    assert line.startswith("replicating"), (line, err)
+    assert "127.0.0.1:9" in line
+    assert "PwSecret42" not in line + out

@@ -22,7 +22,9 @@ from helpers import ROOT, dump, fast_options, file_url, integrity
 import sqlrepl
 from sqlrepl import _format
 from sqlrepl._compact import merge_segments
+from sqlrepl._follow_feed import Step, next_step
 from sqlrepl._format import SegmentKey
+from sqlrepl._lifecycle import Generation, group_generations
 from sqlrepl._replica import ObjectInfo, ReplicaClient, RequestStats
 
 ACCOUNTS = 100
@@ -69,12 +71,14 @@ print("final", n, status.txid, status.generation, flush=True)
 # the other pages are not, the journal is there and hot.
 FOLLOWER = r"""
 import os, signal, sys, sqlrepl
-from sqlrepl._follow import Follower
+from sqlrepl._follow_copy import FollowedCopy
 db, url, torn = sys.argv[1], sys.argv[2], sys.argv[3]
 if torn in ("page1", "all"):
-    original = Follower._write_pages
+    original = FollowedCopy._write_pages
+    applies = []
     def write_pages(self, batch, first):
-        if self._batches >= 1:
+        applies.append(batch)
+        if len(applies) >= 2:
             if torn == "page1":
                 os.pwrite(self._fd, first, 0)
             else:
@@ -82,7 +86,7 @@ if torn in ("page1", "all"):
             print("dying", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         original(self, batch, first)
-    Follower._write_pages = write_pages
+    FollowedCopy._write_pages = write_pages
 def applied(s):
     print("applied", s.txid, s.generation, flush=True)
 f = sqlrepl.follow(db, url, poll_interval=0.05, on_apply=applied)
@@ -351,6 +355,56 @@ def test_existing_database_is_not_overwritten(tmp_path: Path) -> None:
         sqlrepl.follow(other, url)
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"poll_interval": 0}, "poll_interval must be a finite number of seconds > 0, got 0"),
+        ({"poll_interval": float("nan")}, "poll_interval must be a finite number of seconds > 0, got nan"),
+        ({"poll_interval": float("inf")}, "poll_interval must be a finite number of seconds > 0, got inf"),
+        ({"poll_interval": "1"}, "poll_interval must be a finite number of seconds > 0, got '1'"),
+        ({"poll_interval": True}, "poll_interval must be a finite number of seconds > 0, got True"),
+        ({"lock_timeout": -1}, "lock_timeout must be a finite number of seconds >= 0, got -1"),
+        ({"lock_timeout": float("inf")}, "lock_timeout must be a finite number of seconds >= 0, got inf"),
+        ({"lock_timeout": None}, "lock_timeout must be a finite number of seconds >= 0, got None"),
+        ({"generation_check_every": 0}, "generation_check_every must be a whole number >= 1, got 0"),
+        ({"generation_check_every": 2.5}, "generation_check_every must be a whole number >= 1, got 2.5"),
+        ({"generation_check_every": True}, "generation_check_every must be a whole number >= 1, got True"),
+        ({"overwrite": "no"}, "overwrite must be True or False, got 'no'"),
+        ({"on_apply": 5}, "on_apply must be a function taking a FollowStatus, or None, got 5"),
+        ({"database": 5}, "database must be the path of the copy to keep, got 5"),
+        ({"database": ""}, "database must be the path of the copy to keep, got ''"),
+        ({"database": "DIR"}, "is a directory; give the path of a database file"),
+        ({"replica": 5}, "replica must be one replica URL or a replica client, got 5"),
+        ({"replica": None}, "replica must be one replica URL or a replica client, got None"),
+    ],
+)
+def test_bad_arguments_are_config_errors(tmp_path: Path, arguments: dict[str, object], message: str) -> None:
+    """Each nonsensical argument of follow() raises ConfigError naming it, before any file is made."""
+    given: dict[str, object] = {"database": tmp_path / "c.db", "replica": file_url(tmp_path / "replica")}
+    given.update(arguments)
+    if given["database"] == "DIR":
+        given["database"] = tmp_path
+    with pytest.raises(sqlrepl.ConfigError) as info:
+        sqlrepl.follow(**given)  # type: ignore[arg-type]
+    assert message in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_edge_arguments_are_accepted(tmp_path: Path) -> None:
+    """The smallest sensible values (a tiny poll interval, no lock wait) are accepted."""
+    follower = sqlrepl.Follower(
+        tmp_path / "c.db",
+        file_url(tmp_path / "replica"),
+        poll_interval=0.001,
+        lock_timeout=0,
+        generation_check_every=1,
+        overwrite=True,
+        on_apply=print,
+    )
+    assert (follower.poll_interval, follower.lock_timeout, follower.generation_check_every) == (0.001, 0, 1)
+    follower.stop()
+
+
 def test_new_generation_is_followed_from_its_snapshot(tmp_path: Path) -> None:
     """When the primary starts a new generation (its staging deleted), the
     follower moves to it, and a reader sees the new state whole."""
@@ -557,3 +611,32 @@ def test_a_merged_segment_that_covers_the_copy_is_applied(tmp_path: Path) -> Non
     assert done.txid == last
     assert done.requests["GET"] == 1  # the merged segment alone: no re-seed
     assert dump(copy) == dump(primary)
+
+
+def _listing(*keys: str) -> list[Generation]:
+    return group_generations(ObjectInfo(k, 100) for k in keys)
+
+
+def _decided(step: Step) -> tuple[str | None, bool, list[str]]:
+    return (step.move_to.id if step.move_to else None, step.fresh, [k.key for k, _ in step.segments])
+
+
+def test_next_step_decides_from_a_listing_alone() -> None:
+    """next_step applies the segments that continue the copy, moves to a newer
+    generation (or on a re-seed) fresh, and re-seeds when the chain is gone."""
+    old, new = "20260101T000000000Z-aaaaaa", "20260102T000000000Z-bbbbbb"
+    snap = _format.snapshot_key(old, 5, 1)
+    seg = _format.segment_key(old, 6, 8, 2)
+    merged = _format.segment_key(old, 3, 9, 3)
+    assert _decided(next_step(_listing(seg), old, 5, reseed=False)) == (None, False, [])  # no snapshot
+    assert _decided(next_step(_listing(snap, seg, merged), old, 5, reseed=False)) == (
+        None,
+        False,
+        [merged, seg],
+    )
+    assert _decided(next_step(_listing(snap, seg), old, 8, reseed=False)) == (None, False, [])
+    gap = _listing(snap, _format.segment_key(old, 7, 9, 2))
+    assert _decided(next_step(gap, old, 5, reseed=False)) == (old, False, [])
+    newer = _listing(snap, seg, _format.snapshot_key(new, 20, 4))
+    assert _decided(next_step(newer, old, 8, reseed=False)) == (new, True, [])
+    assert _decided(next_step(_listing(snap, seg), old, 8, reseed=True)) == (old, True, [])

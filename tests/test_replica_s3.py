@@ -653,6 +653,36 @@ async def test_failed_multipart_upload_is_aborted(
         await client.get("big")
 
 
+@pytest.mark.asyncio
+async def test_parallel_parts_raise_the_first_failure_itself() -> None:
+    """The parts' task group raises the failing part's own error (cause kept) and cancels the rest."""
+    started = cancelled = 0
+    all_started = asyncio.Event()
+
+    async def part() -> None:
+        nonlocal started, cancelled
+        started += 1
+        mine = started
+        try:
+            if mine == 3:
+                all_started.set()
+            await all_started.wait()
+            if mine == 1:
+                try:
+                    raise ConnectionResetError("reset by peer")
+                except ConnectionResetError as exc:
+                    raise ReplicaUnavailableError("put s3://b/k: the connection failed") from exc
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+
+    with pytest.raises(ReplicaUnavailableError, match="the connection failed") as info:
+        await replica_s3._run_all(part, 3)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    assert (started, cancelled) == (3, 2)
+
+
 @pytest.mark.s3
 @pytest.mark.asyncio
 async def test_lost_answer_to_a_completed_multipart_upload(
