@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -36,6 +37,9 @@ class Leadership:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
+        # Held while writing to the pipe and while closing it: a write after
+        # the close could go to whatever file reused the descriptor number.
+        self._pipe_lock = threading.Lock()
         self.idle = False  # the loop sleeps: a nudge writes to the pipe
         self.woken = False
         self.nudge_sock: socket.socket | None = None
@@ -50,8 +54,17 @@ class Leadership:
     # -- any thread --------------------------------------------------------------
 
     def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self.wake_w, b"\0")
+        with self._pipe_lock, contextlib.suppress(BlockingIOError, OSError):
+            if self.wake_w >= 0:
+                os.write(self.wake_w, b"\0")
+
+    def close_pipe(self) -> None:
+        """The thread has ended: close the wake pipe (wakes do nothing then)."""
+        with self._pipe_lock:
+            if self.wake_w >= 0:
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                self.wake_r = self.wake_w = -1
 
     def nudge_idle(self) -> None:
         """A commit in this process: wake the loop if it sleeps."""

@@ -260,6 +260,7 @@ class Replicator:
                 st.role, st.error = "failed", f"{type(exc).__name__}: {exc}"
                 st.cond.notify_all()
         finally:
+            self._leader.close_pipe()
             with st.cond:
                 if st.role != "failed":
                     st.role = "stopped"
