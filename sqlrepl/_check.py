@@ -107,7 +107,7 @@ def check_options(options: object) -> None:
     type: numbers of seconds are finite and >= 0, sizes and frame counts are
     whole numbers >= 0, functions are callable; ``None`` only where the
     field allows it."""
-    from ._replicator import Options  # (here: _replicator imports this module's importers)
+    from ._options import Options  # (here: _options imports this module)
 
     if options is None:
         return

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
+from . import _format
+from ._queue import SEGMENT, SNAPSHOT, StagedObject
+
 __all__ = ["RESTORED_FILE", "Staging", "fsync_dir", "staging_dir_for"]
 
 STATE_VERSION = 1
@@ -177,6 +180,27 @@ class Staging:
                     continue
                 out.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
         return sorted(out)
+
+    def staged_object(self, key: str, root: str | None = None) -> StagedObject | None:
+        """The staged object ``key`` in ``root`` (default: those to upload;
+        in :attr:`compacted`, a merged copy), sized; ``None`` if it is gone
+        or ``key`` names no snapshot or segment."""
+        parsed = _format.parse_key(key)
+        path = self.object_path(key, root)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        if isinstance(parsed, _format.SnapshotKey):
+            return StagedObject(
+                parsed.generation, SNAPSHOT, parsed.txid, parsed.txid, key, path, size, parsed.timestamp_ms
+            )
+        if isinstance(parsed, _format.SegmentKey):
+            first, last, compacted = parsed.first_txid, parsed.last_txid, root == self.compacted
+            return StagedObject(
+                parsed.generation, SEGMENT, first, last, key, path, size, parsed.timestamp_ms, compacted
+            )
+        return None
 
     def remove_object(self, key: str, root: str | None = None) -> None:
         with suppress(FileNotFoundError):

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_same_database, fast_options, file_url, restore_fresh
 
 import sqlrepl
-from sqlrepl import _replicator
+from sqlrepl import _replicator, _state
 
 
 def test_staged_list_and_checksums_change_only_on_the_loop_thread(
@@ -22,19 +22,19 @@ def test_staged_list_and_checksums_change_only_on_the_loop_thread(
     thread, never in the worker thread that copied them (where a sort of the
     staged list raced the uploaders' replacing of it)."""
     threads: list[tuple[str, int]] = []
-    add_staged = _replicator.Replicator._add_staged
-    remember = _replicator.Replicator._remember_checksum
+    add_staged = _state.LoopState.add_staged
+    remember = _state.LoopState.remember_checksum
 
-    def spy_add(self: _replicator.Replicator, *args: Any) -> Any:
+    def spy_add(self: _state.LoopState, *args: Any) -> Any:
         threads.append(("staged list", threading.get_ident()))
         return add_staged(self, *args)
 
-    def spy_remember(self: _replicator.Replicator, *args: Any) -> Any:
+    def spy_remember(self: _state.LoopState, *args: Any) -> Any:
         threads.append(("checksums", threading.get_ident()))
         return remember(self, *args)
 
-    monkeypatch.setattr(_replicator.Replicator, "_add_staged", spy_add)
-    monkeypatch.setattr(_replicator.Replicator, "_remember_checksum", spy_remember)
+    monkeypatch.setattr(_state.LoopState, "add_staged", spy_add)
+    monkeypatch.setattr(_state.LoopState, "remember_checksum", spy_remember)
     url = file_url(tmp_path / "replica")
     # Small pieces: each transaction below is copied as several segments.
     conn = sqlrepl.connect(db_path, url, options=fast_options(segment_max_bytes=16384))

@@ -291,9 +291,10 @@ def test_a_nudge_socket_path_too_long_leaks_no_descriptor(tmp_path: Path) -> Non
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     replicator = Replicator(str(deep / "app.db"), [file_url(tmp_path / "r")])
-    assert len(replicator._nudge_path.encode()) > 108
+    leader = replicator._leader
+    assert len(leader.nudge_path.encode()) > 108
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
-        replicator._open_nudge_socket()
-    assert replicator._nudge_sock is None
+        leader.open_nudge_socket()
+    assert leader.nudge_sock is None
     assert len(os.listdir("/proc/self/fd")) == before
