@@ -46,6 +46,9 @@ class Options:
     - ``retention``: keep what is needed to restore any point this far back
       (seconds); older generations, snapshots and segments are deleted.
       ``None`` keeps everything.
+    - ``retention_check_interval``: how often the retention pass
+      (``retention``, ``segment_retention``) runs (seconds); the first one
+      runs within a minute of the start.
     - ``compaction_interval``: merge the small segments uploaded over this
       many seconds into one, uploaded beside them, so that restores read few
       objects (``None``: never). ``compaction_max_bytes`` bounds the pages a
@@ -66,6 +69,9 @@ class Options:
     - ``exit_timeout``: at interpreter exit, wait this long for pending
       uploads.
     - ``busy_timeout``: SQLite busy timeout of the replicator's connections.
+    - ``retry_max``: the longest wait between retries (of a failing replica,
+      a capture, a full staging disk), in seconds; the wait doubles from a
+      fraction of a second up to this.
     - ``replica_check_interval``: how often each replica is looked at for
       what happens behind sqlrepl's back (seconds; one LIST each time): a
       replica emptied (it is re-seeded with a fresh snapshot) or another
