@@ -19,7 +19,10 @@ from helpers import ROOT, assert_same_database, fast_options, file_url, integrit
 import sqlrepl
 
 WRITER = r"""
-import logging, os, random, sys, sqlrepl
+import logging, os, random, signal, sys, sqlrepl
+# The test stops writers with SIGINT, which a shell ignores in the jobs it
+# runs in the background (and children inherit): take it back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {os.getpid()} %(threadName)s %(message)s")
 sys.path.insert(0, sys.argv[5])
 from helpers import fast_options
