@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url
+from helpers import ROOT, assert_same_database, fast_options, file_url, wait_for
 
 import sqlrepl
 from sqlrepl._progress import SnapshotTracker, stored_bound, upload_sent
@@ -239,10 +239,8 @@ def test_replicate_no_bar_in_a_pipe(tmp_path: Path) -> None:
         env=_env(),
     )
     try:
-        deadline = time.monotonic() + 120
-        while not _snapshot_stored(replica) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # (polling for the event: the snapshot in the replica)
-        assert _snapshot_stored(replica)
+        wait_for("the snapshot in the replica", lambda: _snapshot_stored(replica) or proc.poll() is not None)
+        assert _snapshot_stored(replica), proc.stderr.read() if proc.stderr else ""
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -252,13 +250,6 @@ def test_replicate_no_bar_in_a_pipe(tmp_path: Path) -> None:
     assert stdout.startswith("replicating ")
     assert "%" not in stdout + stderr
     assert "\r" not in stdout + stderr
-
-
-def _wait_for(predicate: object, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # (polling for the event, not waiting for it to happen)
 
 
 def test_a_replica_added_later_is_reported(tmp_path: Path) -> None:
@@ -294,7 +285,7 @@ def test_a_first_snapshot_left_staged_is_reported_after_a_restart(tmp_path: Path
         snap = sqlrepl.status(db).snapshot_progress
         return snap is not None and snap.state == "uploading"
 
-    _wait_for(staged, "the first snapshot to be staged")
+    wait_for("the first snapshot to be staged", staged)
     sqlrepl.stop_all(flush=False)
 
     calls = Calls()
