@@ -161,3 +161,18 @@ def fill_disk(path: str | os.PathLike[str], *, chunk: int = 65536) -> int:
             if exc.errno != errno.ENOSPC:
                 raise
     return os.path.getsize(path)
+
+
+def read_until_closed(fd: int) -> bytes:
+    """Everything left on a pseudo-terminal's leader ``fd``, until the child
+    closes the terminal (EIO on Linux, or an empty read)."""
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)

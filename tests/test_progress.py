@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url
+from helpers import ROOT, assert_same_database, fast_options, file_url, read_until_closed
 
 import sqlrepl
 from sqlrepl import _cli
@@ -108,15 +108,7 @@ def test_cli_bar_on_a_terminal(replicated: tuple[str, str], tmp_path: Path) -> N
         _cli_args(url, tmp_path), stdin=follower, stdout=follower, stderr=follower, env=_env()
     )
     os.close(follower)
-    out = bytearray()
-    while True:  # until the child closes the terminal (EIO on Linux)
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    out = read_until_closed(leader)
     os.close(leader)
     assert proc.wait(timeout=120) == 0, out.decode(errors="replace")
     text = out.decode(errors="replace")

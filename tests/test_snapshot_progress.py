@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_same_database, fast_options, file_url, wait_for
+from helpers import ROOT, assert_same_database, fast_options, file_url, read_until_closed, wait_for
 
 import sqlrepl
 from sqlrepl._progress import SnapshotTracker, stored_bound, upload_sent
@@ -208,14 +208,7 @@ def test_replicate_bar_on_a_terminal(tmp_path: Path) -> None:
                 except OSError:
                     break  # (the child closed the terminal: it ended)
         proc.send_signal(signal.SIGINT)
-        while True:  # the rest, until the child closes the terminal
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
+        out += read_until_closed(leader)  # the rest
     finally:
         os.close(leader)
         if proc.poll() is None:
