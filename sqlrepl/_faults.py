@@ -183,6 +183,10 @@ class LocalFaults:
             with st.cond:
                 st.error = message
             return False
+        if reason.endswith(" was deleted"):
+            # The new file appeared after the check saw the path empty: say
+            # the same as when the check saw the new file itself.
+            reason = f"{st.database} was replaced (deleted, then a new file created at its path)"
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         message = (
             f"{reason} (seen {when}); replicating the new file as a new generation. Connections"

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_restores_equal, fast_options, file_url
+from helpers import ROOT, assert_restores_equal, fast_options, file_url, wait_for
 
 import sqlrepl
+from sqlrepl import _livewal
 
 # The start of each script run with its staging folder on a small tmpfs
 # (argv: the database, the replica URL, this folder, and what the test adds).
@@ -125,6 +126,9 @@ import os, sqlite3, sys
 db = sys.argv[1]
 for suffix in ("", "-wal", "-shm"):  # rm app.db*, as a user at a shell would
     os.unlink(db + suffix)
+if sys.argv[2:] == ["wait"]:  # until told that sqlrepl saw the path empty
+    print("deleted", flush=True)
+    sys.stdin.readline()
 conn = sqlite3.connect(db, isolation_level=None)
 conn.execute("PRAGMA journal_mode=WAL")
 conn.execute("CREATE TABLE other(id INTEGER PRIMARY KEY, name TEXT)")
@@ -151,10 +155,10 @@ sys.stdin.readline()
 """
 
 
-@pytest.mark.parametrize("how", ["recreate", "replace"])
+@pytest.mark.parametrize("how", ["recreate", "recreate-after-seen", "recreate-mid-check", "replace"])
 @pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
 def test_database_replaced_under_a_running_app(
-    tmp_path: Path, request: pytest.FixtureRequest, how: str, kind: str
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, how: str, kind: str
 ) -> None:
     """Another process deletes the database and creates a new one at its
     path (or moves a new file onto it) while the app runs and goes on
@@ -163,43 +167,68 @@ def test_database_replaced_under_a_running_app(
     restore equals the new database."""
     url = file_url(tmp_path / "replica") if kind == "file" else str(request.getfixturevalue("s3_url"))
     db = str(tmp_path / "app.db")
+    script = [sys.executable, "-c", REPLACE if how == "replace" else RECREATE, db]
+    if how.startswith("recreate-"):
+        script.append("wait")
     conn = sqlrepl.connect(db, url, options=fast_options())
-    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-    for i in range(200):
-        conn.execute("INSERT INTO t(v) VALUES (?)", (f"old-{i}",))
-        conn.commit()
-    sqlrepl.sync(db, timeout=60)
-    old_generation = sqlrepl.status(db).generation
-    assert sqlrepl.status(db).replaced is None
-    with subprocess.Popen(
-        [sys.executable, "-c", RECREATE if how == "recreate" else REPLACE, db],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as other:
-        assert other.stdout is not None
-        assert other.stdin is not None
-        try:
-            assert other.stdout.readline() == "created\n"
-            # The app's connection goes on writing, into the deleted file.
-            for i in range(20):
-                conn.execute("INSERT INTO t(v) VALUES (?)", (f"lost-{i}",))
-                conn.commit()
-            sqlrepl.sync(db, timeout=60)
-            status = sqlrepl.status(db)
-            assert status.replaced is not None, status
-            assert "was replaced" in status.replaced, status
-            assert status.generation != old_generation
-            assert_restores_equal(url, db, tmp_path / "restored.db")
-            other.stdin.write("\n")
-            other.stdin.flush()
-            assert other.wait(60) == 0
-        finally:
-            if other.poll() is None:
-                other.kill()
-    # The app reconnects (its old connection still writes to the deleted
-    # file) and goes on writing to the new one, in the new generation.
-    conn.close()
+    try:
+        conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        for i in range(200):
+            conn.execute("INSERT INTO t(v) VALUES (?)", (f"old-{i}",))
+            conn.commit()
+        sqlrepl.sync(db, timeout=60)
+        old_generation = sqlrepl.status(db).generation
+        assert sqlrepl.status(db).replaced is None
+        with subprocess.Popen(script, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as other:
+            assert other.stdout is not None
+            assert other.stdin is not None
+            try:
+                if how == "recreate-after-seen":
+                    assert other.stdout.readline() == "deleted\n"
+                    # sqlrepl sees the path empty and waits for a database there.
+                    wait_for("the path seen empty", lambda: "was deleted" in (sqlrepl.status(db).error or ""))
+                    other.stdin.write("\n")
+                    other.stdin.flush()
+                if how == "recreate-mid-check":
+                    # The new file appears between the check that sees the
+                    # path empty and the reopen that follows it.
+                    assert other.stdout.readline() == "deleted\n"
+                    raced: list[str] = []
+                    real = _livewal.file_replaced
+
+                    def racing(path: str, fd: int) -> str | None:
+                        reason = real(path, fd)
+                        if reason is not None and reason.endswith(" was deleted") and not raced:
+                            other.stdin.write("\n")
+                            other.stdin.flush()
+                            raced.append(other.stdout.readline())
+                        return reason
+
+                    monkeypatch.setattr(_livewal, "file_replaced", racing)
+                    assert wait_for("the race forced", lambda: raced) == ["created\n"]
+                else:
+                    assert other.stdout.readline() == "created\n"
+                # The app's connection goes on writing, into the deleted file.
+                for i in range(20):
+                    conn.execute("INSERT INTO t(v) VALUES (?)", (f"lost-{i}",))
+                    conn.commit()
+                sqlrepl.sync(db, timeout=60)
+                status = sqlrepl.status(db)
+                assert status.replaced is not None, status
+                # The same words whether the check saw the path empty or the new file.
+                assert f"{db} was replaced" in status.replaced, status
+                assert status.generation != old_generation
+                assert_restores_equal(url, db, tmp_path / "restored.db")
+                other.stdin.write("\n")
+                other.stdin.flush()
+                assert other.wait(60) == 0
+            finally:
+                if other.poll() is None:
+                    other.kill()
+    finally:
+        # The app reconnects (its old connection still writes to the deleted
+        # file) and goes on writing to the new one, in the new generation.
+        conn.close()
     with sqlrepl.connect(db, url, options=fast_options()) as again:
         again.execute("INSERT INTO other(name) VALUES ('after')")
     sqlrepl.sync(db, timeout=60)
