@@ -67,6 +67,13 @@ def count(name: str, value: object, *, minimum: int = 0) -> int:
     return value
 
 
+def flag(name: str, value: object) -> bool:
+    """True or False, nothing else: a string such as "no" would count as true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def txid(value: object) -> int:
     """A transaction id to restore to: a whole number >= 0."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:

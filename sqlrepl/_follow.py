@@ -96,8 +96,7 @@ def _checked_arguments(
     _check.seconds("poll_interval", poll_interval, positive=True)
     _check.count("generation_check_every", generation_check_every, minimum=1)
     _check.seconds("lock_timeout", lock_timeout)
-    if not isinstance(overwrite, bool):
-        raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+    _check.flag("overwrite", overwrite)
     if on_apply is not None and not callable(on_apply):
         raise ConfigError(f"on_apply must be a function taking a FollowStatus, or None, got {on_apply!r}")
     return path, client

@@ -570,6 +570,14 @@ async def restore_async(
     if generation is not None and not isinstance(generation, str):
         raise ConfigError(f"generation must be a generation id (a string), got {generation!r}")
     _check.count("parallelism", parallelism, minimum=1)
+    for name, value in (
+        ("if_db_not_exists", if_db_not_exists),
+        ("if_replica_exists", if_replica_exists),
+        ("overwrite", overwrite),
+        ("fallback", fallback),
+        ("quick_check", quick_check),
+    ):
+        _check.flag(name, value)
     _check.check_database_path(path, role="restore target", folder_must_exist=False)
     async with _restore_lock(path):
         # Checked under the lock: another process may have just restored it.

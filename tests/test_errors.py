@@ -104,6 +104,12 @@ def test_bad_options_are_refused() -> None:
         ({"parallelism": 0}, "parallelism must be a whole number >= 1"),
         ({"parallelism": "8"}, "parallelism must be a whole number >= 1"),
         ({"generation": 5}, "generation must be a generation id"),
+        # A string would count as true: "no" would overwrite.
+        ({"overwrite": "no"}, "overwrite must be True or False, got 'no'"),
+        ({"fallback": "false"}, "fallback must be True or False"),
+        ({"quick_check": 1}, "quick_check must be True or False"),
+        ({"if_db_not_exists": None}, "if_db_not_exists must be True or False"),
+        ({"if_replica_exists": "yes"}, "if_replica_exists must be True or False"),
     ],
 )
 def test_bad_restore_arguments_are_config_errors(
