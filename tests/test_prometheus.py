@@ -64,6 +64,14 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
+def assert_between(low: float | None, got: float | None, high: float | None) -> None:
+    """``got`` was scraped after a status() that said ``low`` and before one that said ``high``."""
+    assert low is not None
+    assert high is not None
+    assert got is not None
+    assert low <= got <= high
+
+
 def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
@@ -81,6 +89,10 @@ def test_series_match_status(scraper: Scraper, db_path: str, tmp_path: Path) -> 
     conn.execute("CREATE TABLE t(v)")
     _write(conn, 5)
     sqlrepl.sync(db_path)
+    # The replicator may still store its writer record after sync(): the
+    # counters and the upload time are checked between status() before and
+    # after the scrape, the positions (no writes meanwhile) for equality.
+    before = sqlrepl.status(db_path).replicas[0]
     samples = scraper.scrape()
     st = sqlrepl.status(db_path)
     db, rep = st.database, st.replicas[0]
@@ -92,11 +104,14 @@ def test_series_match_status(scraper: Scraper, db_path: str, tmp_path: Path) -> 
     assert value(samples, "sqlrepl_generations_total", database=db) == 1
     assert value(samples, "sqlrepl_snapshots_total", database=db) == 1
     assert value(samples, "sqlrepl_compactions_total", database=db) == 0
-    assert value(samples, "sqlrepl_replica_requests_total", replica=url, kind="PUT") == rep.requests["PUT"]
-    assert value(samples, "sqlrepl_replica_bytes_total", replica=url, kind="PUT") == rep.requests["bytes_up"]
+    requests = value(samples, "sqlrepl_replica_requests_total", replica=url, kind="PUT")
+    assert_between(before.requests["PUT"], requests, rep.requests["PUT"])
+    assert requests
+    sent = value(samples, "sqlrepl_replica_bytes_total", replica=url, kind="PUT")
+    assert_between(before.requests["bytes_up"], sent, rep.requests["bytes_up"])
     assert value(samples, "sqlrepl_replica_errors_total", replica=url, kind="PUT") == 0
     uploaded = value(samples, "sqlrepl_replica_last_upload_timestamp_seconds", replica=url)
-    assert uploaded == rep.last_upload_time
+    assert_between(before.last_upload_time, uploaded, rep.last_upload_time)
     for name in ("sqlrepl_staged_bytes", "sqlrepl_staged_objects", "sqlrepl_replica_failing"):
         assert value(samples, name, database=db) is not None, name
     assert all(name.startswith("sqlrepl_") for name, _ in samples)
@@ -157,11 +172,13 @@ def test_scrape_while_the_store_dies_and_comes_back(
 
     own_s3_server.stop(grace=0)  # a crash
     _write(conn, 20)
+    # (Each commit gets the next txid: the 20 are captured once it is st.txid + 20.)
     failing = wait_for(
-        "errors and a lag while the store is down",
+        "errors and a lag while the store is down, the writes captured",
         lambda: (
             (s := scraper.scrape())
             and lag(s) > 0
+            and value(s, "sqlrepl_captured_txid", database=db) == st.txid + 20
             and total(s, "sqlrepl_replica_errors_total") > errors_before
             and value(s, "sqlrepl_replica_failing", replica=label) == 1
             and s
