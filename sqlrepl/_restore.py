@@ -498,7 +498,8 @@ class _PartReader:
                 self._buf = memoryview(item)
             take = self._buf[:want]
             out.append(take)
-            self._buf = self._buf[len(take) :]
+            # (An empty slice would still hold the whole part in memory.)
+            self._buf = self._buf[len(take) :] if len(take) < len(self._buf) else memoryview(b"")
             want -= len(take)
         if len(out) == 1:
             return out[0]
@@ -857,7 +858,8 @@ class _Download:
                 await self._arrived[n].wait()
                 self._readers[i].put(self._got.pop(n), self._weight(n))
                 if start + length == self._keys[i][1]:
-                    self._readers[i].end()
+                    # Its applier holds it from here: dropped once applied.
+                    self._readers.pop(i).end()
         except BaseException:
             for reader in self._readers.values():
                 reader.put(RestoreError("the download stopped"), 0)

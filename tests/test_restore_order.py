@@ -380,3 +380,18 @@ def test_cli_quick_check_flag(tmp_path: Path) -> None:
     )
     assert plain.returncode == 0, plain.stderr
     assert (tmp_path / "copied.db").stat().st_size > 0
+
+
+def test_a_part_read_to_its_end_is_let_go() -> None:
+    """Once the applier has read a part to its end, the part reader no longer
+    holds it (it held the last part of every large object, 8 MiB each, until
+    the restore ended)."""
+    reader = _restore._PartReader(_restore._Window(1))
+    part = bytes(1 << 20)
+    held_before = sys.getrefcount(part)
+    reader.put(part, 0)
+    reader.end()
+    assert len(reader.read(1 << 19)) == 1 << 19
+    assert len(reader.read()) == 1 << 19
+    assert len(reader.read()) == 0
+    assert sys.getrefcount(part) == held_before
