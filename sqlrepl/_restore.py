@@ -858,8 +858,7 @@ class _Download:
                 await self._arrived[n].wait()
                 self._readers[i].put(self._got.pop(n), self._weight(n))
                 if start + length == self._keys[i][1]:
-                    # Its applier holds it from here: dropped once applied.
-                    self._readers.pop(i).end()
+                    self._readers[i].end()
         except BaseException:
             for reader in self._readers.values():
                 reader.put(RestoreError("the download stopped"), 0)
