@@ -155,6 +155,9 @@ def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     yield start
     for server in started:
         server.stop()
+        # (Captured: pytest shows it only when the test failed, e.g. a worker
+        # that closed a connection without an answer.)
+        print(f"--- gunicorn log {server.log_path}:\n{server.log()[-8000:]}")
 
 
 class Load:
