@@ -29,6 +29,7 @@ from ._errors import StagingFullError, WalModeError
 from ._leader import Leadership
 from ._state import LoopState
 from ._uploader import write_record
+from ._wal import DELETED
 
 __all__ = ["LocalFaults", "is_disk_full"]
 
@@ -183,7 +184,7 @@ class LocalFaults:
             with st.cond:
                 st.error = message
             return False
-        if reason.endswith(" was deleted"):
+        if reason.endswith(f" {DELETED}"):
             # The new file appeared after the check saw the path empty: say
             # the same as when the check saw the new file itself.
             reason = f"{st.database} was replaced (deleted, then a new file created at its path)"

@@ -33,6 +33,7 @@ import threading
 from dataclasses import dataclass
 
 __all__ = [
+    "DELETED",
     "FRAME_HEADER_SIZE",
     "WAL_HEADER_SIZE",
     "IndexHeader",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 WAL_HEADER_SIZE = 32
+DELETED = "was deleted"  # how :func:`file_replaced` ends when the path is empty
 FRAME_HEADER_SIZE = 24
 _MAGIC_LE = 0x377F0682
 _MAGIC_BE = 0x377F0683
@@ -293,7 +295,7 @@ def file_replaced(path: str, fd: int) -> str | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return f"{path} was deleted"
+        return f"{path} {DELETED}"
     held = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
         return f"{path} was replaced by another file (inode {held.st_ino}, now {st.st_ino})"
